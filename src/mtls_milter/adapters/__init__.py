@@ -1,0 +1,1 @@
+"""Thin adapters that translate a protocol (CLI, milter, policy, socketmap) into core calls."""

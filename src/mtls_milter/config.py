@@ -1,0 +1,341 @@
+"""Configuration: one typed, validated, immutable object built once at start-up.
+
+The file format is TOML; key names are those of SPEC §9. Every default lives in this module.
+An unknown key or a bad value raises :class:`ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message an operator can act on."""
+
+
+class EkuPolicy(StrEnum):
+    """Which extended key usages a client certificate (and CAs carrying an EKU) may have."""
+
+    SERVER_OR_CLIENT = "server-or-client"
+    CLIENT = "client"
+    ANY = "any"
+
+
+class FailAction(StrEnum):
+    """What to do with a message whose result is ``fail``."""
+
+    ANNOTATE = "annotate"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+class TemperrorAction(StrEnum):
+    """What to do with a message whose result is ``temperror``."""
+
+    ANNOTATE = "annotate"
+    TEMPFAIL = "tempfail"
+
+
+DEFAULT_MILTER_SOCKET = "inet:8898@127.0.0.1"
+DEFAULT_CLIENT_MX_TYPE = 265
+
+
+@dataclass(frozen=True, slots=True)
+class MilterConfig:
+    """``[milter]``: where the milter listens and how it writes its header."""
+
+    socket: str = DEFAULT_MILTER_SOCKET
+    authserv_id: str = ""  # empty: the MTA's ``j`` macro, else the host name
+    delete_all_own_results: bool = False  # delete every field with our authserv-id, not only mtls
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """``[dns]``: resolver, time limits, cache and the Client MX type number."""
+
+    nameservers: tuple[str, ...] = ()  # empty: the system resolver (/etc/resolv.conf)
+    timeout: float = 2.0  # seconds, one lookup
+    budget: float = 5.0  # seconds, all DNS work for one message
+    client_mx_type: int = DEFAULT_CLIENT_MX_TYPE
+    cache_size: int = 10_000  # answers kept
+    max_cache_ttl: int = 3600  # seconds; longer TTLs are capped
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[tls]``: trust anchors and the certificate policy."""
+
+    trust: tuple[str, ...] = ("system",)  # "system" or PEM file paths
+    eku: EkuPolicy = EkuPolicy.SERVER_OR_CLIENT
+    allow_wildcards: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """``[policy]``: what to do with each result, fallbacks and exemptions."""
+
+    on_fail: FailAction = FailAction.ANNOTATE
+    on_temperror: TemperrorAction = TemperrorAction.ANNOTATE
+    server_mx_fallback: bool = False
+    helo_fallback: bool = False
+    dry_run: bool = False
+    internal_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    source: str = "<built-in defaults>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing. Each key has a converter that takes the raw TOML value and returns the typed value or
+# raises ValueError with a short description of what was expected.
+
+_T = TypeVar("_T")
+Converter = Callable[[Any], Any]
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _number(low: float, high: float) -> Converter:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("expected a number")
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low:g} to {high:g}")
+        return float(value)
+
+    return convert
+
+
+def _integer(low: int, high: int) -> Converter:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return value
+
+    return convert
+
+
+def _enum(kind: type[StrEnum]) -> Converter:
+    def convert(value: Any) -> StrEnum:
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = ", ".join(f'"{member.value}"' for member in kind)
+            raise ValueError(f"expected one of {allowed}") from None
+
+    return convert
+
+
+def _list_of(item: Converter) -> Converter:
+    def convert(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        return tuple(item(entry) for entry in value)
+
+    return convert
+
+
+def _socket_spec(value: Any) -> str:
+    text = _str(value)
+    check_socket_spec(text)
+    return text
+
+
+def check_socket_spec(text: str) -> None:
+    """Raise ValueError unless ``text`` is a libmilter socket (unix:/path, inet:PORT@HOST…)."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ValueError("expected unix:/path, inet:PORT@HOST or inet6:PORT@HOST")
+    if kind in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise ValueError("a unix socket needs an absolute path")
+        return
+    if kind not in ("inet", "inet6"):
+        raise ValueError(f"unknown socket family {kind!r}; expected unix, inet or inet6")
+    port, _, host = rest.partition("@")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port {port!r}")
+    if not host:
+        raise ValueError("expected inet:PORT@HOST")
+
+
+def _nameserver(value: Any) -> str:
+    text = _str(value)
+    parse_nameserver(text)
+    return text
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """Split ``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or ``IPv6`` into (address, port)."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, tail = text[1:].partition("]")
+        if not sep or (tail and not tail.startswith(":")):
+            raise ValueError(f"bad name server {text!r}")
+        if tail:
+            port = _port(tail[1:], text)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _port(port_text, text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"name server {text!r} is not an IP address (optionally :PORT)") from None
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in {whole!r}")
+    return int(text)
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(_str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network (like 192.0.2.0/24)") from None
+
+
+def _trust_source(value: Any) -> str:
+    text = _str(value)
+    if not text:
+        raise ValueError('expected "system" or a PEM file path')
+    return text
+
+
+_SCHEMA: dict[str, dict[str, Converter]] = {
+    "milter": {
+        "socket": _socket_spec,
+        "authserv_id": _str,
+        "delete_all_own_results": _bool,
+    },
+    "dns": {
+        "nameservers": _list_of(_nameserver),
+        "timeout": _number(0.05, 30),
+        "budget": _number(0.1, 60),
+        "client_mx_type": _integer(1, 65535),
+        "cache_size": _integer(0, 10_000_000),
+        "max_cache_ttl": _integer(0, 7 * 86400),
+    },
+    "tls": {
+        "trust": _list_of(_trust_source),
+        "eku": _enum(EkuPolicy),
+        "allow_wildcards": _bool,
+    },
+    "policy": {
+        "on_fail": _enum(FailAction),
+        "on_temperror": _enum(TemperrorAction),
+        "server_mx_fallback": _bool,
+        "helo_fallback": _bool,
+        "dry_run": _bool,
+        "internal_networks": _list_of(_network),
+    },
+}
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML file; ``None`` gives the built-in defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_mapping(raw, source=str(path))
+
+
+def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
+    """Build a Config from already-parsed TOML data, validating every key."""
+    sections: dict[str, dict[str, Any]] = {}
+    for section_name, section in raw.items():
+        if section_name not in _SCHEMA:
+            known = ", ".join(f"[{name}]" for name in _SCHEMA)
+            raise ConfigError(f"{source}: unknown section [{section_name}] (known: {known})")
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{source}: {section_name} must be a table, like [{section_name}]")
+        sections[section_name] = _convert_section(section_name, section, source)
+    config = Config(
+        milter=replace(MilterConfig(), **sections.get("milter", {})),
+        dns=replace(DnsConfig(), **sections.get("dns", {})),
+        tls=replace(TlsConfig(), **sections.get("tls", {})),
+        policy=replace(PolicyConfig(), **sections.get("policy", {})),
+        source=source,
+    )
+    _check_cross_field(config)
+    return config
+
+
+def _convert_section(name: str, section: Mapping[str, Any], source: str) -> dict[str, Any]:
+    schema = _SCHEMA[name]
+    converted: dict[str, Any] = {}
+    for key, value in section.items():
+        if key not in schema:
+            raise ConfigError(
+                f"{source}: unknown key [{name}] {key} (known: {', '.join(sorted(schema))})"
+            )
+        try:
+            converted[key] = schema[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [{name}] {key} = {value!r}: {exc}") from None
+    return converted
+
+
+def _check_cross_field(config: Config) -> None:
+    if config.dns.timeout > config.dns.budget:
+        raise ConfigError(
+            f"{config.source}: [dns] timeout ({config.dns.timeout:g} s) exceeds [dns] budget "
+            f"({config.dns.budget:g} s)"
+        )
+    if not config.tls.trust:
+        raise ConfigError(f'{config.source}: [tls] trust is empty; use ["system"] or PEM paths')
+
+
+def known_keys() -> dict[str, tuple[str, ...]]:
+    """Section → key names, for documentation checks."""
+    return {section: tuple(keys) for section, keys in _SCHEMA.items()}
+
+
+def defaults_table() -> dict[str, dict[str, Any]]:
+    """Section → key → default value, as written in a TOML file."""
+    defaults = Config()
+    return {
+        section: {f.name: getattr(getattr(defaults, section), f.name) for f in fields(kind)}
+        for section, kind in (
+            ("milter", MilterConfig),
+            ("dns", DnsConfig),
+            ("tls", TlsConfig),
+            ("policy", PolicyConfig),
+        )
+    }
