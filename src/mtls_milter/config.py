@@ -53,6 +53,9 @@ class MilterConfig:
     socket: str = DEFAULT_MILTER_SOCKET
     authserv_id: str = ""  # empty: the MTA's ``j`` macro, else the host name
     delete_all_own_results: bool = False  # delete every field with our authserv-id, not only mtls
+    user: str = ""  # when started as root: drop to this user after opening the socket
+    group: str = ""  # ... and this group (default: the user's primary group)
+    socket_mode: str = "0660"  # permissions of a unix socket (the MTA must be able to connect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +219,13 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
+def _octal_mode(value: Any) -> str:
+    text = _str(value)
+    if not (3 <= len(text) <= 4 and all(c in "01234567" for c in text)):
+        raise ValueError('expected an octal mode like "0660"')
+    return text
+
+
 def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(_str(value), strict=False)
@@ -235,6 +245,9 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "socket": _socket_spec,
         "authserv_id": _str,
         "delete_all_own_results": _bool,
+        "user": _str,
+        "group": _str,
+        "socket_mode": _octal_mode,
     },
     "dns": {
         "nameservers": _list_of(_nameserver),
