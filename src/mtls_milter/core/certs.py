@@ -1,0 +1,715 @@
+"""Certificates: parsing, trust anchors, RFC 5280 chain validation, host names and matching.
+
+Path validation is pyca/cryptography's ``x509.verification`` (RFC 5280 and the Web PKI profile)
+with the product's EKU policy (SPEC §3) layered on top through extension policies:
+
+* ``server-or-client`` (default): the leaf's EKU must contain serverAuth or clientAuth. Public
+  CAs now issue serverAuth-only certificates, which is what mail servers present as clients.
+* ``client``: the leaf's EKU must contain clientAuth (the strict RFC reading).
+* ``any``: no EKU requirement on any certificate; everything else in RFC 5280 still applies.
+
+A leaf without an EKU extension is rejected under ``server-or-client`` and ``client``: the Web
+PKI requires the extension on subscriber certificates, and "no EKU" would otherwise silently
+mean "every purpose". anyExtendedKeyUsage on a leaf does not count either (CA/B Forum forbids it
+on subscriber certificates). Under ``any`` both are accepted.
+
+CA certificates may omit the EKU extension (RFC 5280; many roots and private CAs do). A CA that
+carries one constrains the chain: the purposes the leaf is accepted for (its EKU intersected with
+the policy's) are intersected with every CA's EKU (anyExtendedKeyUsage allows all), and the
+result must not be empty. So a serverAuth-only leaf under a clientAuth-only intermediate fails,
+as it would in a verifier for either purpose; a serverAuth+clientAuth leaf under a serverAuth-only
+intermediate passes as serverAuth.
+
+Host names come from the SAN dNSNames, or from DNS-like subject CNs only when the certificate
+has no SAN dNSName. Such CN-only leaves are accepted (private CAs still issue them), and because
+cryptography applies name constraints only to SANs, the product applies the CAs' DNS name
+constraints to those CN names itself.
+"""
+
+from __future__ import annotations
+
+import binascii
+import bisect
+import ipaddress
+import re
+import ssl
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    Subject,
+)
+
+from mtls_milter.config import EkuPolicy
+
+__all__ = [
+    "MAX_CHAIN_CERTS",
+    "CertificateInputError",
+    "ChainValidator",
+    "ChainVerdict",
+    "TrustAnchors",
+    "certificate_names",
+    "fingerprint_sha256",
+    "load_trust_anchors",
+    "name_matches",
+    "normalize_fingerprint",
+    "parse_certificates",
+]
+
+MAX_CHAIN_CERTS = 20
+
+SYSTEM_BUNDLE_FALLBACK = "/etc/ssl/certs/ca-certificates.crt"
+
+_SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+_CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
+_ANY_EKU = ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE
+_EKU_NAMES = {_SERVER_AUTH: "serverAuth", _CLIENT_AUTH: "clientAuth"}
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+class CertificateInputError(ValueError):
+    """Certificate input that cannot be used, with a one-line message naming the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]{1,64})-----(.*?)(?:-----END ([A-Z0-9 ]{1,64})-----|\Z)", re.DOTALL
+)
+_CERT_LABELS = frozenset({"CERTIFICATE", "X509 CERTIFICATE"})
+_MAX_MESSAGE = 160
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception message, bounded: it ends up in logs and verdicts."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+
+
+def _pem_blocks(data: bytes) -> list[tuple[str, bytes, bool]]:
+    """(label, body, complete) for each PEM block; complete is False when END is missing."""
+    blocks = []
+    for m in _PEM_BLOCK.finditer(data):
+        complete = m.group(3) == m.group(1)
+        blocks.append((m.group(1).decode("ascii"), m.group(2), complete))
+    return blocks
+
+
+def _load_pem_certificate(index: int, body: bytes, complete: bool) -> x509.Certificate:
+    if not complete:
+        raise CertificateInputError(f"malformed PEM block {index}: no matching END line")
+    try:
+        der = binascii.a2b_base64(b"".join(body.split()), strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CertificateInputError(f"malformed PEM block {index}: bad base64 ({exc})") from None
+    try:
+        return x509.load_der_x509_certificate(der)
+    except Exception as exc:
+        raise CertificateInputError(
+            f"malformed PEM block {index}: not an X.509 certificate ({_short(exc)})"
+        ) from None
+
+
+def parse_certificates(
+    data: bytes, *, limit: int | None = MAX_CHAIN_CERTS
+) -> tuple[x509.Certificate, ...]:
+    """Parse PEM (one or more CERTIFICATE blocks) or one DER certificate.
+
+    Other PEM block types are ignored, but input without any certificate block is an error that
+    names what was found. ``limit`` bounds the number of certificates (``None``: unbounded, for
+    trust bundles). Raises :class:`CertificateInputError` for anything unusable.
+    """
+    if not data or not data.strip():
+        raise CertificateInputError("no certificate found in input (empty)")
+    if b"-----BEGIN " in data:
+        blocks = _pem_blocks(data)
+        cert_blocks = [(i, b, c) for i, (lbl, b, c) in enumerate(blocks, 1) if lbl in _CERT_LABELS]
+        if not cert_blocks:
+            labels = sorted({lbl for lbl, _, _ in blocks})
+            if any(lbl.endswith("PRIVATE KEY") for lbl in labels):
+                raise CertificateInputError("input is a private key, not a certificate")
+            found = ", ".join(labels) or "an unterminated PEM header"
+            raise CertificateInputError(f"no certificate found in input (found {found})")
+        # Count before decoding anything: a huge chain must not cost its parsing.
+        if limit is not None and len(cert_blocks) > limit:
+            raise CertificateInputError(
+                f"chain has {len(cert_blocks)} certificates (limit {limit})"
+            )
+        return tuple(_load_pem_certificate(i, b, c) for i, b, c in cert_blocks)
+    if data[:1] != b"\x30":  # every DER certificate starts with a SEQUENCE tag
+        raise CertificateInputError("no certificate found in input (neither PEM nor DER)")
+    try:
+        return (x509.load_der_x509_certificate(data),)
+    except Exception as exc:
+        raise CertificateInputError(
+            f"no certificate found in input (DER data is not an X.509 certificate: {_short(exc)})"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Trust anchors
+
+
+@dataclass(frozen=True, slots=True)
+class TrustAnchors:
+    """The trusted root certificates and, for logs, where they came from."""
+
+    certificates: tuple[x509.Certificate, ...]
+    sources: tuple[str, ...]
+
+
+def _plural(n: int) -> str:
+    return f"{n} certificate" if n == 1 else f"{n} certificates"
+
+
+def _system_bundle_path() -> str:
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile:
+        return cafile
+    if Path(SYSTEM_BUNDLE_FALLBACK).is_file():
+        return SYSTEM_BUNDLE_FALLBACK
+    raise CertificateInputError(
+        f"system trust bundle not found (no OpenSSL default CA file, no {SYSTEM_BUNDLE_FALLBACK})"
+    )
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CertificateInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _load_system() -> tuple[list[x509.Certificate], str]:
+    path = _system_bundle_path()
+    certs: list[x509.Certificate] = []
+    skipped = 0
+    # Distribution bundles occasionally hold a certificate cryptography refuses (e.g. a negative
+    # serial number); one such entry must not cost the other hundred-odd anchors.
+    with warnings.catch_warnings():
+        # Old roots with non-positive serials load with a deprecation warning; not our concern.
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        for index, (label, body, complete) in enumerate(_pem_blocks(_read(path)), 1):
+            if label not in _CERT_LABELS:
+                continue
+            try:
+                certs.append(_load_pem_certificate(index, body, complete))
+            except CertificateInputError:
+                skipped += 1
+    if not certs:
+        raise CertificateInputError(f"{path}: no certificates found in the system trust bundle")
+    note = f", {skipped} skipped" if skipped else ""
+    return certs, f"system ({path}, {_plural(len(certs))}{note})"
+
+
+def load_trust_anchors(sources: Sequence[str]) -> TrustAnchors:
+    """Load trust anchors from ``"system"`` and/or PEM file paths; duplicates are dropped."""
+    certs: list[x509.Certificate] = []
+    seen: set[bytes] = set()
+    descriptions: list[str] = []
+    for source in sources:
+        if source == "system":
+            loaded, description = _load_system()
+        else:
+            try:
+                loaded = list(parse_certificates(_read(source), limit=None))
+            except CertificateInputError as exc:
+                if str(exc).startswith(f"{source}:"):
+                    raise
+                raise CertificateInputError(f"{source}: {exc}") from None
+            description = f"{source} ({_plural(len(loaded))})"
+        descriptions.append(description)
+        for cert in loaded:
+            fp = cert.fingerprint(hashes.SHA256())
+            if fp not in seen:
+                seen.add(fp)
+                certs.append(cert)
+    if not certs:
+        raise CertificateInputError("no trust anchors configured")
+    return TrustAnchors(tuple(certs), tuple(descriptions))
+
+
+# --------------------------------------------------------------------------------------------
+# Names, matching, fingerprints
+
+
+_LDH_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+
+
+def _to_alabels(name: str) -> str | None:
+    """Lower-case, strip the trailing dot, U-labels to A-labels; None if not a DNS name."""
+    name = name.strip().lower().rstrip(".")
+    if not name or len(name) > 253:
+        return None
+    labels = name.split(".")
+    out = []
+    for i, label in enumerate(labels):
+        if i == 0 and label == "*":
+            out.append(label)
+            continue
+        if not label.isascii():
+            try:
+                # Stdlib IDNA 2003 ToASCII: enough to compare names; certificates should only
+                # hold A-labels anyway.
+                label = label.encode("idna").decode("ascii")
+            except UnicodeError:
+                return None
+        if not _LDH_LABEL.match(label) and not _is_underscore_label(label):
+            return None
+        out.append(label)
+    return ".".join(out)
+
+
+def _is_underscore_label(label: str) -> bool:
+    # Some private PKIs use underscores in host names; tolerate them, they never match a
+    # Client MX host that could not contain one.
+    return bool(label) and len(label) <= 63 and re.fullmatch(r"[a-z0-9_-]+", label) is not None
+
+
+def _looks_like_host(name: str) -> bool:
+    """A DNS-like CN: at least two labels, and a last label that is not all digits (no IP)."""
+    labels = name.split(".")
+    return len(labels) >= 2 and not labels[-1].isdigit()
+
+
+def _dedup(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _san_dns_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.DNSName))
+
+
+def _cn_names(cert: x509.Certificate) -> list[str]:
+    names = []
+    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attr.value if isinstance(attr.value, str) else attr.value.decode("utf-8", "replace")
+        name = _to_alabels(value)
+        if name is not None and _looks_like_host(name):
+            names.append(name)
+    return names
+
+
+def _names_and_source(cert: x509.Certificate) -> tuple[tuple[str, ...], bool]:
+    """(names, from_cn); never raises."""
+    try:
+        san = [n for n in (_to_alabels(s) for s in _san_dns_names(cert)) if n]
+    except Exception:  # a malformed extension: cryptography parses extensions lazily
+        san = []
+    if san:
+        return _dedup(san), False
+    try:
+        return _dedup(_cn_names(cert)), True
+    except Exception:
+        return (), True
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """Host names of ``cert``: SAN dNSNames, else DNS-like subject CNs. Normalised, never raises."""
+    return _names_and_source(cert)[0]
+
+
+def name_matches(cert_name: str, host: str, *, allow_wildcards: bool = False) -> bool:
+    """Does a certificate name match ``host``? Exact by default; RFC 6125 wildcards if allowed."""
+    c = _to_alabels(cert_name)
+    h = _to_alabels(host)
+    if not c or not h or h.startswith("*"):
+        return False
+    if c == h:
+        return not c.startswith("*")
+    if not allow_wildcards or not c.startswith("*."):
+        return False
+    # "*.a.b": the wildcard covers exactly one label and at least two labels must follow it,
+    # so "*.test" (a whole TLD) never matches.
+    base = c[2:]
+    if base.count(".") < 1:
+        return False
+    first, _, rest = h.partition(".")
+    return bool(first) and rest == base
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER, upper-case colon hex (Postfix ccert_fingerprint, Sendmail {cert_fp})."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+_FP_PLAIN = re.compile(r"[0-9A-Fa-f]{64}")
+_FP_COLONS = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}")
+
+
+def normalize_fingerprint(text: str) -> str | None:
+    """A SHA-256 fingerprint in any case, with or without colons -> canonical form, else None."""
+    text = text.strip()
+    if _FP_COLONS.fullmatch(text):
+        return text.upper()
+    if _FP_PLAIN.fullmatch(text):
+        return bytes.fromhex(text).hex(":").upper()
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Chain validation
+
+
+@dataclass(frozen=True, slots=True)
+class ChainVerdict:
+    """The outcome of validating one presented chain."""
+
+    valid: bool
+    error: str  # "" when valid
+    names: tuple[str, ...]  # host names of the leaf, also when invalid (for logs)
+    leaf_sha256: str  # fingerprint_sha256(leaf), "" when nothing was presented
+
+
+class _PolicyError(ValueError):
+    """Raised by our extension callbacks; the message becomes the verdict's error."""
+
+
+def _ekus(cert: x509.Certificate) -> frozenset[ObjectIdentifier] | None:
+    try:
+        return frozenset(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _purpose_text(purposes: Iterable[ObjectIdentifier]) -> str:
+    return "/".join(_EKU_NAMES[p] for p in (_SERVER_AUTH, _CLIENT_AUTH) if p in purposes)
+
+
+_EECallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage], None]
+_CACallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage | None], None]
+
+
+def _ee_eku_check(wanted: frozenset[ObjectIdentifier]) -> _EECallback:
+    def check(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
+        if not wanted.intersection(eku):
+            raise _PolicyError(f"EKU lacks {_purpose_text(wanted)}")
+
+    return check
+
+
+def _ca_eku_check(purposes: frozenset[ObjectIdentifier]) -> _CACallback:
+    def check(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+        if eku is not None and _ANY_EKU not in eku and not purposes.intersection(eku):
+            raise _PolicyError(f"intermediate CA EKU does not allow {_purpose_text(purposes)}")
+
+    return check
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _transitions(cert: x509.Certificate) -> tuple[datetime, datetime]:
+    """The instants at which ``cert`` becomes valid and stops being valid (half-open)."""
+    return cert.not_valid_before_utc, cert.not_valid_after_utc + _ONE_MICROSECOND
+
+
+def _pick_leaf(certs: Sequence[x509.Certificate]) -> int:
+    """Index of the leaf: not the issuer of another presented certificate, preferably not a CA."""
+    issuers = {c.issuer for c in certs if c.issuer != c.subject}
+    candidates = [i for i, c in enumerate(certs) if c.subject not in issuers] or list(
+        range(len(certs))
+    )
+    for i in candidates:
+        try:
+            bc = certs[i].extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            return i
+        except Exception:
+            continue
+        if not bc.ca:
+            return i
+    return candidates[0]
+
+
+def _in_subtree(name: str, base: str) -> bool:
+    base = base.lower().rstrip(".")
+    if base.startswith("."):
+        return name.endswith(base)
+    return not base or name == base or name.endswith("." + base)
+
+
+def _cn_constraint_error(names: Sequence[str], cas: Sequence[x509.Certificate]) -> str:
+    """cryptography checks name constraints only on SANs: check CN-derived names here."""
+    for ca in cas:
+        try:
+            nc = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        permitted = [g.value for g in nc.permitted_subtrees or () if isinstance(g, x509.DNSName)]
+        excluded = [g.value for g in nc.excluded_subtrees or () if isinstance(g, x509.DNSName)]
+        for name in names:
+            bare = name.removeprefix("*.")
+            if permitted and not any(_in_subtree(bare, b) for b in permitted):
+                return "name constraints violated"
+            if any(_in_subtree(bare, b) for b in excluded):
+                return "name constraints violated"
+    return ""
+
+
+_CRYPTOGRAPHY_NOISE = re.compile(
+    r"^(?:validation failed: )?(?:candidates exhausted: )?|"
+    r" \(encountered processing <Certificate\(.*$|"
+    r"^Python extension validator failed: \w+: ",
+)
+
+
+def _explain(message: str) -> str:
+    """Turn a cryptography VerificationError message into a short verdict error."""
+    if "all candidates exhausted with no interior errors" in message:
+        return "unknown issuer (no path to a trusted root)"
+    if "name constraint" in message:
+        return "name constraints violated"
+    text = message
+    for _ in range(3):  # the prefixes nest
+        text = _CRYPTOGRAPHY_NOISE.sub("", text)
+    return text.strip() or message
+
+
+def _time_error(certs: Sequence[x509.Certificate], at: datetime) -> str:
+    for i, cert in enumerate(certs):
+        who = "certificate" if i == 0 else "CA certificate"
+        if at > cert.not_valid_after_utc:
+            return f"{who} expired at {_iso(cert.not_valid_after_utc)}"
+        if at < cert.not_valid_before_utc:
+            return f"{who} not yet valid until {_iso(cert.not_valid_before_utc)}"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class _CacheEntry:
+    verdict: ChainVerdict
+    valid_from: datetime  # inclusive
+    valid_until: datetime  # exclusive
+
+
+class ChainValidator:
+    """Validates presented client (and server) chains against fixed trust anchors.
+
+    Thread-safe. Client verdicts are cached in a bounded LRU keyed by the presented chain, and a
+    cached verdict is reused only while the validation time stays in the interval in which no
+    presented certificate or trust anchor becomes valid or expires, so it equals a fresh one.
+    """
+
+    def __init__(
+        self,
+        anchors: TrustAnchors,
+        eku: EkuPolicy = EkuPolicy.SERVER_OR_CLIENT,
+        *,
+        cache_size: int = 4096,
+    ) -> None:
+        self.anchors = anchors
+        self.eku = EkuPolicy(eku)
+        self._store = Store(list(anchors.certificates))
+        self._cache_size = max(0, cache_size)
+        self._cache: OrderedDict[tuple[bytes, ...], _CacheEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._anchor_transitions = sorted(t for c in anchors.certificates for t in _transitions(c))
+
+        # Extension policies are immutable: build one pair per set of leaf purposes up front.
+        # A CN-only leaf is allowed (names then come from the CN, see the module docstring).
+        ee_base = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+        )
+        ca_base = ExtensionPolicy.webpki_defaults_ca()
+        self._wanted: frozenset[ObjectIdentifier]
+        self._policies: dict[frozenset[ObjectIdentifier], tuple[ExtensionPolicy, ExtensionPolicy]]
+        if self.eku is EkuPolicy.ANY:
+            self._wanted = frozenset()
+            ee = ee_base.may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
+            ca = ca_base.may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
+            self._policies = {frozenset(): (ca, ee)}
+            return
+        self._wanted = (
+            frozenset({_CLIENT_AUTH})
+            if self.eku is EkuPolicy.CLIENT
+            else frozenset({_SERVER_AUTH, _CLIENT_AUTH})
+        )
+        ee = ee_base.require_present(
+            x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_eku_check(self._wanted)
+        )
+        self._policies = {
+            purposes: (
+                ca_base.may_be_present(
+                    x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_eku_check(purposes)
+                ),
+                ee,
+            )
+            for purposes in (
+                frozenset({_SERVER_AUTH}),
+                frozenset({_CLIENT_AUTH}),
+                frozenset({_SERVER_AUTH, _CLIENT_AUTH}),
+            )
+            if purposes <= self._wanted
+        }
+
+    # -- client ---------------------------------------------------------------------------
+
+    def validate_client(self, chain: Sequence[x509.Certificate], at: datetime) -> ChainVerdict:
+        """Validate a client chain (leaf + intermediates in any order) at ``at``. Never raises."""
+        try:
+            if not chain:
+                return ChainVerdict(False, "no certificate presented", (), "")
+            at = _utc(at)
+            key = tuple(dict.fromkeys(c.fingerprint(hashes.SHA256()) for c in chain))
+            with self._lock:
+                entry = self._cache.get(key)
+                if entry is not None and entry.valid_from <= at < entry.valid_until:
+                    self._cache.move_to_end(key)
+                    return entry.verdict
+            verdict, valid_from, valid_until = self._validate_client(chain, at)
+            if self._cache_size:
+                with self._lock:
+                    self._cache[key] = _CacheEntry(verdict, valid_from, valid_until)
+                    self._cache.move_to_end(key)
+                    while len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+            return verdict
+        except Exception as exc:  # the milter must never die on a certificate
+            return ChainVerdict(False, f"internal error: {_short(exc)}", (), "")
+
+    def _window(self, certs: Sequence[x509.Certificate], at: datetime) -> tuple[datetime, datetime]:
+        """The largest [from, until) around ``at`` in which no certificate's validity changes."""
+        points = self._anchor_transitions
+        i = bisect.bisect_right(points, at)
+        lo = points[i - 1] if i else datetime.min.replace(tzinfo=UTC)
+        hi = points[i] if i < len(points) else datetime.max.replace(tzinfo=UTC)
+        for cert in certs:
+            for t in _transitions(cert):
+                if t <= at:
+                    lo = max(lo, t)
+                else:
+                    hi = min(hi, t)
+        return lo, hi
+
+    def _validate_client(
+        self, presented: Sequence[x509.Certificate], at: datetime
+    ) -> tuple[ChainVerdict, datetime, datetime]:
+        certs = list({c.fingerprint(hashes.SHA256()): c for c in presented}.values())
+        leaf_index = _pick_leaf(certs)
+        leaf = certs[leaf_index]
+        others = certs[:leaf_index] + certs[leaf_index + 1 :]
+        names, from_cn = _names_and_source(leaf)
+        fp = fingerprint_sha256(leaf)
+        window = self._window(certs, at)
+
+        def fail(error: str) -> tuple[ChainVerdict, datetime, datetime]:
+            return ChainVerdict(False, error, names, fp), *window
+
+        if len(certs) > MAX_CHAIN_CERTS:
+            return fail(f"chain has {len(certs)} certificates (limit {MAX_CHAIN_CERTS})")
+        time_error = _time_error([leaf], at)
+        if time_error:
+            return fail(time_error)
+
+        leaf_ekus = _ekus(leaf)
+        purposes = self._wanted.intersection(leaf_ekus or ())
+        if self._wanted and leaf_ekus is None:
+            return fail(f"EKU lacks {_purpose_text(self._wanted)} (no EKU extension)")
+        ca_policy, ee_policy = self._policies[purposes or self._wanted]
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(at)
+            .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+            .build_client_verifier()
+        )
+        try:
+            built = verifier.verify(leaf, others).chain
+        except Exception as exc:
+            message = str(exc)
+            if "not valid at validation time" in message:
+                return fail(_time_error(certs, at) or "a CA certificate is not valid at this time")
+            return fail(_explain(message))
+
+        # Intersect the leaf's purposes with every CA's EKU along the path actually built.
+        for ca in built[1:]:
+            ca_ekus = _ekus(ca)
+            if self._wanted and ca_ekus is not None and _ANY_EKU not in ca_ekus:
+                purposes = purposes & ca_ekus
+                if not purposes:
+                    return fail(
+                        f"intermediate CA EKU does not allow "
+                        f"{_purpose_text(self._wanted.intersection(leaf_ekus or ()))}"
+                    )
+        if from_cn and names:
+            error = _cn_constraint_error(names, built[1:])
+            if error:
+                return fail(error)
+        return ChainVerdict(True, "", names, fp), *window
+
+    # -- server ---------------------------------------------------------------------------
+
+    def validate_server(
+        self,
+        chain: Sequence[x509.Certificate],
+        at: datetime,
+        server_name: str,
+        *,
+        max_depth: int | None = None,
+    ) -> ChainVerdict:
+        """Validate a TLS server chain for ``server_name`` (DNS name or IP) with the Web PKI
+        server profile (EKU serverAuth). Never raises.
+
+        ``chain[0]`` is the leaf, as TLS requires; the rest are untrusted intermediates in any
+        order. ``max_depth`` limits the number of intermediates (cryptography's default
+        otherwise); no cache: the outbound probe validates rarely.
+        """
+        try:
+            if not chain:
+                return ChainVerdict(False, "no certificate presented", (), "")
+            leaf = chain[0]
+            names = certificate_names(leaf)
+            fp = fingerprint_sha256(leaf)
+            if len(chain) > MAX_CHAIN_CERTS:
+                return ChainVerdict(
+                    False,
+                    f"chain has {len(chain)} certificates (limit {MAX_CHAIN_CERTS})",
+                    names,
+                    fp,
+                )
+            subject: Subject
+            try:
+                subject = x509.IPAddress(ipaddress.ip_address(server_name))
+            except ValueError:
+                subject = x509.DNSName(server_name.rstrip("."))
+            builder = PolicyBuilder().store(self._store).time(_utc(at))
+            if max_depth is not None:
+                builder = builder.max_chain_depth(max_depth)
+            try:
+                builder.build_server_verifier(subject).verify(leaf, list(chain[1:]))
+            except Exception as exc:
+                message = str(exc)
+                if "not valid at validation time" in message:
+                    error = _time_error(chain, _utc(at)) or "a CA certificate is not valid now"
+                else:
+                    error = _explain(message)
+                return ChainVerdict(False, error, names, fp)
+            return ChainVerdict(True, "", names, fp)
+        except Exception as exc:
+            return ChainVerdict(False, f"internal error: {_short(exc)}", (), "")
