@@ -1,0 +1,499 @@
+"""DNS layer: Client MX, Server MX (RFC 5321 §5.1) and address lookups, with a TTL/LRU cache.
+
+Every lookup returns a result object and never raises: the milter must turn any DNS trouble into
+``temperror``/``permerror``, not into a crash. :class:`DnsResolver` is the real implementation of
+:class:`MxResolver`; tests and the core may substitute their own.
+
+Client MX is a new RR type (number configurable, 265 by default) whose rdata is MX wire format.
+It is queried by number and decoded here: registering the type with dnspython would be
+process-global (a second registration raises), so we never do it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
+
+from mtls_milter.config import parse_nameserver
+
+if TYPE_CHECKING:
+    from mtls_milter.config import DnsConfig
+
+__all__ = [
+    "MAX_HOSTS",
+    "AddressLookup",
+    "DnsResolver",
+    "HostLookup",
+    "LookupStatus",
+    "MxResolver",
+    "query_name",
+]
+
+MAX_HOSTS = 10
+NEGATIVE_TTL_WITHOUT_SOA = 60  # RFC 2308 gives no default; 60 s is what common resolvers use
+_MX = int(dns.rdatatype.MX)
+_A = int(dns.rdatatype.A)
+_AAAA = int(dns.rdatatype.AAAA)
+
+
+class LookupStatus(StrEnum):
+    """Outcome class of one lookup."""
+
+    OK = "ok"  # hosts found (hosts may be empty only when null=True)
+    NOT_FOUND = "not-found"  # NXDOMAIN or NODATA (detail says which)
+    TEMPFAIL = "tempfail"  # SERVFAIL, REFUSED, timeout, network error, budget exhausted
+    PERMFAIL = "permfail"  # malformed rdata, more than MAX_HOSTS names, bad/too long name
+
+
+@dataclass(frozen=True, slots=True)
+class HostLookup:
+    """Result of a Client MX or Server MX lookup."""
+
+    status: LookupStatus
+    hosts: tuple[str, ...] = ()  # lower-case, no trailing dot, by preference then name, unique
+    null: bool = False  # RFC 7505 null (Client) MX: a single record "0 ." -> hosts=()
+    implicit: bool = False  # server MX only: no MX but A/AAAA exists -> hosts=(domain,)
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddressLookup:
+    """Result of an address lookup: A records, then AAAA records."""
+
+    status: LookupStatus
+    addresses: tuple[str, ...] = ()
+    detail: str = ""
+
+
+class MxResolver(Protocol):
+    """What the core needs from DNS. ``budget`` is the seconds left for the message."""
+
+    def client_mx(self, domain: str, budget: float) -> HostLookup: ...
+
+    def server_mx(self, domain: str, budget: float) -> HostLookup: ...
+
+    def addresses(self, host: str, budget: float) -> AddressLookup: ...
+
+
+# A label: 1-63 printable ASCII characters other than "." and "\\" (which would need escapes).
+_LABEL = r"[!-\-/-\[\]-~]{1,63}"
+_VALID_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
+
+
+def query_name(domain: str) -> str:
+    """Return ``domain`` as a lower-case A-label without trailing dot; ValueError if invalid.
+
+    Callers pass names already normalized by :func:`mtls_milter.core.names.normalize_domain`;
+    this is the resolver's own, more permissive guard (any name DNS can carry without
+    escapes), converting a stray non-ASCII name with IDNA rather than querying garbage.
+    """
+    name = domain[:-1] if domain.endswith(".") else domain
+    if not name.isascii():
+        try:
+            name = dns.name.from_unicode(name).to_text(omit_final_dot=True)
+        except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+            raise ValueError(f"{domain!r} is not a valid internationalized domain name") from exc
+    name = name.lower()
+    if len(name) <= 253 and _VALID_NAME.fullmatch(name):
+        return name  # the fast path of every warm lookup: one regex, no loop
+    if not name:
+        raise ValueError("empty domain name")
+    if len(name) > 253:
+        raise ValueError(f"domain name longer than 253 characters ({len(name)})")
+    for label in name.split("."):
+        if not label:
+            raise ValueError(f"{name!r} has an empty label")
+        if len(label) > 63:
+            raise ValueError(f"{name!r} has a label longer than 63 characters")
+    raise ValueError(f"{name!r} contains characters not allowed in a host name")
+
+
+class _QueryOutcome:
+    """One wire query, decoded: the value to cache (or not) and for how long."""
+
+    __slots__ = ("detail", "rrset", "status", "ttl")
+
+    def __init__(
+        self,
+        status: LookupStatus,
+        rrset: dns.rrset.RRset | None = None,
+        ttl: int = 0,
+        detail: str = "",
+    ) -> None:
+        self.status = status
+        self.rrset = rrset
+        self.ttl = ttl
+        self.detail = detail
+
+
+class DnsResolver:
+    """Stub resolver on dnspython with its own thread-safe TTL/LRU cache of decoded results.
+
+    Caching rules: positive answers (and Client MX PERMFAIL for malformed rdata) live for the
+    minimum TTL of the answer chain; NXDOMAIN/NODATA for min(SOA TTL, SOA MINIMUM) from the
+    authority section (RFC 2308), 60 s without SOA; all capped at ``max_cache_ttl``. TEMPFAIL is
+    never cached, so a recovering server is seen at once. A cached answer is served even when
+    the budget is exhausted, since it costs no time. ``cache_size=0`` disables the cache.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] = (),
+        *,
+        timeout: float = 2.0,
+        client_mx_type: int = 265,
+        cache_size: int = 10_000,
+        max_cache_ttl: int = 3600,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Resolve through ``nameservers`` (``IP``, ``IP:PORT``, ``[IPv6]:PORT``).
+
+        An empty list means /etc/resolv.conf; if that is unusable, 127.0.0.1:53.
+        Raises ValueError for a malformed name server string.
+        """
+        self._timeout = float(timeout)
+        self._client_mx_type = int(client_mx_type)
+        self._cache_size = max(0, int(cache_size))
+        self._max_cache_ttl = max(0, int(max_cache_ttl))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, int], tuple[float, Any]] = OrderedDict()
+        self._hits = 0
+        self._misses = 0
+        self._resolver = self._make_resolver(nameservers)
+
+    @classmethod
+    def from_config(cls, dns: DnsConfig) -> DnsResolver:
+        """Build a resolver from the ``[dns]`` configuration section."""
+        return cls(
+            dns.nameservers,
+            timeout=dns.timeout,
+            client_mx_type=dns.client_mx_type,
+            cache_size=dns.cache_size,
+            max_cache_ttl=dns.max_cache_ttl,
+        )
+
+    @staticmethod
+    def _make_resolver(nameservers: Sequence[str]) -> dns.resolver.Resolver:
+        servers: list[str | dns.nameserver.Nameserver] = []
+        for text in nameservers:
+            host, port = parse_nameserver(text)
+            servers.append(dns.nameserver.Do53Nameserver(host, port))
+        resolver: dns.resolver.Resolver
+        if servers:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = servers
+        else:
+            try:
+                resolver = dns.resolver.Resolver(configure=True)
+            except (dns.exception.DNSException, OSError, ValueError):
+                # Missing or empty resolv.conf (containers): a local resolver is the best guess.
+                resolver = dns.resolver.Resolver(configure=False)
+                resolver.nameservers = ["127.0.0.1"]
+        # A SERVFAIL must come back at once as TEMPFAIL, not be retried until the lifetime ends.
+        resolver.retry_servfail = False
+        resolver.cache = None  # ours caches decoded results; dnspython's would double-cache
+        resolver.use_search_by_default = False
+        return resolver
+
+    # -- public lookups ------------------------------------------------------------------
+
+    def client_mx(self, domain: str, budget: float) -> HostLookup:
+        """Look up the Client MX hosts of ``domain``."""
+        try:
+            name = query_name(domain)
+        except ValueError as exc:
+            return HostLookup(LookupStatus.PERMFAIL, detail=f"bad domain name: {exc}")
+        rdtype = self._client_mx_type
+        cached = self._cache_get(name, rdtype)
+        if cached is not None:
+            result: HostLookup = cached
+            return result
+        if budget <= 0:
+            return HostLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
+        outcome = self._query(name, rdtype, budget)
+        result, ttl = self._hosts_from_outcome(outcome, "Client MX")
+        if ttl is not None:
+            self._cache_put(name, rdtype, result, ttl)
+        return result
+
+    def server_mx(self, domain: str, budget: float) -> HostLookup:
+        """Look up the MX hosts of ``domain`` per RFC 5321 §5.1 (implicit MX, null MX)."""
+        try:
+            name = query_name(domain)
+        except ValueError as exc:
+            return HostLookup(LookupStatus.PERMFAIL, detail=f"bad domain name: {exc}")
+        start = self._clock()
+        mx = self._cache_get(name, _MX)
+        if mx is None:
+            if budget <= 0:
+                return HostLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
+            outcome = self._query(name, _MX, budget)
+            mx, ttl = self._hosts_from_outcome(outcome, "MX")
+            if ttl is not None:
+                self._cache_put(name, _MX, mx, ttl)
+        assert isinstance(mx, HostLookup)
+        if mx.status is not LookupStatus.NOT_FOUND or "NODATA" not in mx.detail:
+            return mx
+        # NODATA for MX: the domain itself is the implicit host if it has an address.
+        remaining = budget - (self._clock() - start)
+        addresses = self._addresses(name, remaining, stop_on_first=True)
+        if addresses.status is LookupStatus.OK:
+            return HostLookup(
+                LookupStatus.OK, (name,), implicit=True, detail="no MX record; implicit MX"
+            )
+        if addresses.status is LookupStatus.TEMPFAIL:
+            return HostLookup(LookupStatus.TEMPFAIL, detail=f"{addresses.detail} (implicit MX)")
+        return HostLookup(LookupStatus.NOT_FOUND, detail="no MX and no A/AAAA record (NODATA)")
+
+    def addresses(self, host: str, budget: float) -> AddressLookup:
+        """Look up the A, then AAAA, addresses of ``host``."""
+        try:
+            name = query_name(host)
+        except ValueError as exc:
+            return AddressLookup(LookupStatus.PERMFAIL, detail=f"bad host name: {exc}")
+        return self._addresses(name, budget, stop_on_first=False)
+
+    def cache_stats(self) -> dict[str, int]:
+        """Cache counters: hits, misses, size."""
+        with self._lock:
+            return {"hits": self._hits, "misses": self._misses, "size": len(self._cache)}
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _addresses(self, name: str, budget: float, *, stop_on_first: bool) -> AddressLookup:
+        start = self._clock()
+        found: list[str] = []
+        failures: list[str] = []
+        for rdtype in (_A, _AAAA):
+            result = self._cache_get(name, rdtype)
+            if result is None:
+                remaining = budget - (self._clock() - start)
+                if remaining <= 0:
+                    failures.append("DNS time budget exhausted")
+                    break
+                outcome = self._query(name, rdtype, remaining)
+                result = self._addresses_from_outcome(outcome)
+                if outcome.status is not LookupStatus.TEMPFAIL:
+                    self._cache_put(name, rdtype, result, outcome.ttl)
+            assert isinstance(result, AddressLookup)
+            if result.status is LookupStatus.OK:
+                found.extend(result.addresses)
+                if stop_on_first:
+                    break
+            elif result.status is LookupStatus.TEMPFAIL:
+                failures.append(f"{'A' if rdtype == _A else 'AAAA'}: {result.detail}")
+            elif "NXDOMAIN" in result.detail:
+                break  # the name does not exist: AAAA cannot exist either
+        if found:
+            return AddressLookup(LookupStatus.OK, tuple(found), detail="; ".join(failures))
+        if failures:
+            return AddressLookup(LookupStatus.TEMPFAIL, detail="; ".join(failures))
+        return AddressLookup(LookupStatus.NOT_FOUND, detail="no A/AAAA record")
+
+    def _addresses_from_outcome(self, outcome: _QueryOutcome) -> AddressLookup:
+        if outcome.status is LookupStatus.OK and outcome.rrset is not None:
+            addresses = tuple(str(getattr(rd, "address", rd.to_text())) for rd in outcome.rrset)
+            return AddressLookup(LookupStatus.OK, addresses)
+        return AddressLookup(outcome.status, detail=outcome.detail)
+
+    def _hosts_from_outcome(
+        self, outcome: _QueryOutcome, what: str
+    ) -> tuple[HostLookup, int | None]:
+        """Decode an MX-format answer; also return the cache TTL (None: do not cache)."""
+        if outcome.status is LookupStatus.TEMPFAIL:
+            return HostLookup(LookupStatus.TEMPFAIL, detail=outcome.detail), None
+        if outcome.status is not LookupStatus.OK or outcome.rrset is None:
+            return (
+                HostLookup(outcome.status, detail=f"no {what} record ({outcome.detail})"),
+                outcome.ttl,
+            )
+        try:
+            records = [_decode_mx(rd) for rd in outcome.rrset]
+        except ValueError as exc:
+            return HostLookup(LookupStatus.PERMFAIL, detail=f"{what} rdata malformed: {exc}"), (
+                outcome.ttl
+            )
+        return _hosts_from_records(records, what), outcome.ttl
+
+    def _query(self, name: str, rdtype: int, budget: float) -> _QueryOutcome:
+        """One resolution through dnspython; every failure becomes a TEMPFAIL outcome."""
+        lifetime = min(self._timeout, budget)
+        qname = dns.name.Name([label.encode("ascii") for label in name.split(".")] + [b""])
+        try:
+            answer = self._resolver.resolve(
+                qname,
+                dns.rdatatype.RdataType.make(rdtype),
+                raise_on_no_answer=False,
+                lifetime=lifetime,
+                search=False,
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            ttl = min(_negative_ttl(exc.kwargs.get("responses", {}).values()), self._max_cache_ttl)
+            return _QueryOutcome(LookupStatus.NOT_FOUND, ttl=ttl, detail="NXDOMAIN")
+        except dns.exception.Timeout as exc:
+            servers = _servers_in(exc.kwargs.get("errors") or [])
+            return _QueryOutcome(
+                LookupStatus.TEMPFAIL,
+                detail=f"lookup timed out after {lifetime:.1f} s{servers}",
+            )
+        except dns.resolver.NoNameservers as exc:
+            return _QueryOutcome(
+                LookupStatus.TEMPFAIL, detail=_describe_errors(exc.kwargs.get("errors") or [])
+            )
+        except dns.resolver.YXDOMAIN:
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail="YXDOMAIN (DNAME substitution)")
+        except dns.exception.FormError:
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail="malformed DNS response")
+        except dns.exception.DNSException as exc:
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=f"DNS error: {exc}")
+        except OSError as exc:
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=f"network error: {exc}")
+        except Exception as exc:  # never let DNS trouble escape into the milter
+            return _QueryOutcome(
+                LookupStatus.TEMPFAIL, detail=f"unexpected DNS error: {type(exc).__name__}: {exc}"
+            )
+        if answer.rrset is None:
+            ttl = min(_negative_ttl([answer.response]), self._max_cache_ttl)
+            return _QueryOutcome(LookupStatus.NOT_FOUND, ttl=ttl, detail="NODATA")
+        ttl = min(int(answer.chaining_result.minimum_ttl), self._max_cache_ttl)
+        return _QueryOutcome(LookupStatus.OK, rrset=answer.rrset, ttl=ttl)
+
+    def _cache_get(self, name: str, rdtype: int) -> Any:
+        if not self._cache_size:
+            return None
+        key = (name, rdtype)
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                if entry[0] > self._clock():
+                    self._cache.move_to_end(key)
+                    self._hits += 1
+                    return entry[1]
+                del self._cache[key]
+            self._misses += 1
+            return None
+
+    def _cache_put(self, name: str, rdtype: int, value: Any, ttl: int) -> None:
+        if not self._cache_size or ttl <= 0:
+            return
+        key = (name, rdtype)
+        with self._lock:
+            self._cache[key] = (self._clock() + ttl, value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+
+def _decode_mx(rd: dns.rdata.Rdata) -> tuple[int, str]:
+    """(preference, exchange text) of an MX-format record; ValueError says what is wrong."""
+    exchange = getattr(rd, "exchange", None)
+    preference = getattr(rd, "preference", None)
+    if isinstance(exchange, dns.name.Name) and isinstance(preference, int):
+        name = exchange  # the type was registered (or is MX): already decoded
+    else:
+        data = getattr(rd, "data", None)
+        if not isinstance(data, bytes):
+            raise ValueError(f"unexpected record class {type(rd).__name__}")
+        if len(data) < 3:
+            raise ValueError(f"rdata too short ({len(data)} bytes, need at least 3)")
+        preference = int.from_bytes(data[:2], "big")
+        try:
+            name, used = dns.name.from_wire(data, 2)
+        except dns.exception.DNSException as exc:
+            # A compression pointer here is an error too: RFC 3597 forbids it in unknown types.
+            raise ValueError(f"bad exchange name in {data.hex()}: {exc}") from None
+        if 2 + used != len(data):
+            raise ValueError(f"{len(data) - 2 - used} trailing bytes after the exchange name")
+    text = name.to_text(omit_final_dot=True).lower()
+    if text != "." and "\\" in text:
+        # Escapes mean bytes that no host name has (or a dot inside a label): unusable.
+        raise ValueError(f"exchange {text!r} is not a host name")
+    return preference, text
+
+
+def _hosts_from_records(records: list[tuple[int, str]], what: str) -> HostLookup:
+    if any(text == "." for _, text in records):
+        if len(records) == 1:
+            return HostLookup(LookupStatus.OK, null=True, detail=f"null {what} (RFC 7505)")
+        return HostLookup(
+            LookupStatus.PERMFAIL, detail=f"null {what} '.' mixed with other {what} records"
+        )
+    best: dict[str, int] = {}
+    for preference, text in records:
+        if text not in best or preference < best[text]:
+            best[text] = preference
+    if len(best) > MAX_HOSTS:
+        return HostLookup(
+            LookupStatus.PERMFAIL,
+            detail=f"{len(best)} {what} host names, more than the limit of {MAX_HOSTS}",
+        )
+    hosts = tuple(sorted(best, key=lambda text: (best[text], text)))
+    return HostLookup(LookupStatus.OK, hosts)
+
+
+def _negative_ttl(responses: Any) -> int:
+    """RFC 2308 negative TTL: min(SOA TTL, SOA MINIMUM) over the authority SOAs."""
+    ttls: list[int] = []
+    for response in responses:
+        if not isinstance(response, dns.message.Message):
+            continue
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                ttls.append(min(int(rrset.ttl), int(getattr(rrset[0], "minimum", rrset.ttl))))
+    return min(ttls) if ttls else NEGATIVE_TTL_WITHOUT_SOA
+
+
+def _server_text(server: str, port: int) -> str:
+    # dnspython names a server "Do53:ADDRESS@PORT"; keep only the address.
+    if server.startswith("Do53:"):
+        server = server[5:].rpartition("@")[0] or server[5:]
+    return f"[{server}]:{port}" if ":" in server else f"{server}:{port}"
+
+
+def _servers_in(errors: list[Any]) -> str:
+    servers = sorted({_server_text(str(err[0]), int(err[2])) for err in errors if len(err) >= 3})
+    return f" ({', '.join(servers)})" if servers else ""
+
+
+def _describe_errors(errors: list[Any]) -> str:
+    """Text for dnspython's per-server error list, e.g. 'SERVFAIL from 127.0.0.1:53'."""
+    parts: list[str] = []
+    for err in errors:
+        try:
+            server, tcp, port, problem = err[0], err[1], err[2], err[3]
+        except (TypeError, IndexError):
+            parts.append(str(err))
+            continue
+        where = _server_text(str(server), int(port))
+        via = " over TCP" if tcp else ""
+        if isinstance(problem, str):
+            text = f"{problem} from {where}{via}"  # an rcode: SERVFAIL, REFUSED, NOTIMP...
+        elif isinstance(problem, dns.exception.FormError | EOFError):
+            text = f"malformed DNS response from {where}{via}"
+        elif isinstance(problem, dns.message.Truncated):
+            text = f"truncated response from {where}{via}"
+        elif isinstance(problem, OSError):
+            text = f"network error talking to {where}{via}: {problem.strerror or problem}"
+        else:
+            text = f"{type(problem).__name__} from {where}{via}: {problem}"
+        if text not in parts:
+            parts.append(text)
+    return "; ".join(parts) if parts else "no name servers available"
