@@ -17,7 +17,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test setup system-packages lint unit bench clean
 
 run: setup
-	$(BIN)/mtls-milter --help
+	$(BIN)/mtls-milter serve $(ARGS)
 
 test: setup lint
 	$(BIN)/pytest -ra $(PYTEST_ARGS)
