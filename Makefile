@@ -14,12 +14,12 @@ STAMP  := $(VENV)/.installed
 APT_PACKAGES := gcc python3-dev python3-venv libmilter-dev libmilter1.0.1 dnsmasq-base
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup system-packages lint unit bench clean
+.PHONY: run test setup system-packages test-packages lint bench clean
 
 run: setup
 	$(BIN)/mtls-milter serve $(ARGS)
 
-test: setup lint
+test: setup test-packages lint
 	$(BIN)/pytest -ra $(PYTEST_ARGS)
 
 lint: setup
@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-bench: setup
+bench: setup test-packages
 	$(BIN)/python bench/run_all.py
 
 setup: system-packages $(STAMP)
@@ -41,6 +41,11 @@ system-packages:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# Real Postfix (package) and Sendmail (unpacked beside it: the packages conflict), swaks,
+# miltertest: what the end-to-end tests and benches drive. Never starts system daemons.
+test-packages:
+	$(SUDO) sh tests/e2e/install_mtas.sh
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
