@@ -1,0 +1,349 @@
+"""The milter adapter: translate libmilter callbacks into one core evaluation per message.
+
+Connection state (client address, HELO, TLS macros) lives in :class:`_Connection`; transaction
+state (MAIL FROM … end of message) in :class:`_Transaction`, reset at every MAIL FROM and on
+abort. Every callback is guarded: an exception never reaches libmilter, mail is never lost.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
+from functools import wraps
+from typing import Any, TypeVar
+
+import Milter
+
+from mtls_milter.config import FailAction, TemperrorAction
+from mtls_milter.core.dns import AddressLookup, HostLookup, MxResolver
+from mtls_milter.core.evaluate import Result, Transaction, Verdict
+from mtls_milter.core.evidence import Evidence, EvidenceKind, session_from_macros
+from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
+from mtls_milter.core.names import SenderKind, parse_mail_from
+from mtls_milter.engine import Engine
+
+log = logging.getLogger("mtls_milter")
+
+# Macros the engine reads, requested per stage with setsymlist so neither MTA's default lists
+# matter (FIELD-NOTES §1–§2). The TLS macros are asked for at MAIL too: a client may skip the
+# second EHLO after STARTTLS.
+TLS_MACROS = (
+    "{tls_version}",
+    "{cert_subject}",
+    "{cert_issuer}",
+    "{verify}",
+    "{cn_subject}",
+    "{cert_fp}",
+    "{cert_md5}",
+)
+HELO_MACROS = (*TLS_MACROS, "j")
+ENVFROM_MACROS = (*TLS_MACROS, "j", "i", "{auth_type}")
+EOM_MACROS = ("i",)
+
+# libmilter's return codes, typed (pymilter is untyped).
+CONTINUE: int = Milter.CONTINUE
+ACCEPT: int = Milter.ACCEPT
+REJECT: int = Milter.REJECT
+TEMPFAIL: int = Milter.TEMPFAIL
+ALL_OPTS: int = Milter.ALL_OPTS
+
+REPLY_REJECT = ("550", "5.7.1")
+REPLY_TEMPFAIL = ("451", "4.7.0")
+MAX_REPLY_TEXT = 200
+
+
+@dataclass
+class EngineHolder:
+    """The current engine; a reload swaps it while sessions in flight keep theirs."""
+
+    engine: Engine
+
+
+@dataclass
+class _Connection:
+    client_addr: str = ""
+    client_port: str = ""
+    internal: bool = False
+    helo: str = ""
+    helo_macros: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Transaction:
+    engine: Engine
+    mail_from: str
+    started: float
+    macros: dict[str, str | None]
+    skip_reason: str = ""
+    prefetch: Future[Any] | None = None
+    ar_values: list[str] = field(default_factory=list)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(fallback: int) -> Callable[[_F], _F]:
+    """Log any exception from a callback and answer ``fallback`` instead of raising."""
+
+    def decorate(method: _F) -> _F:
+        @wraps(method)
+        def wrapper(self: MtlsMilter, *args: Any) -> Any:
+            try:
+                return method(self, *args)
+            except Exception:
+                log.exception("internal error in %s; answering %s", method.__name__, fallback)
+                return fallback
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class MtlsMilter(Milter.Base):  # type: ignore[misc]
+    """One instance per SMTP connection (pymilter's factory creates it)."""
+
+    def __init__(self, holder: EngineHolder, executor: Executor) -> None:
+        self._holder = holder
+        self._executor = executor
+        self._conn = _Connection()
+        self._tx: _Transaction | None = None
+
+    # -- negotiation ----------------------------------------------------------------------------
+
+    @_guarded(ALL_OPTS)
+    def negotiate(self, opts: list[int]) -> int:
+        status: int = super().negotiate(opts)
+        if status == CONTINUE:
+            # pymilter 1.0.5's own setsymlist fails on Python 3 (bytes vs str); calling the
+            # context directly with one space-separated string works (FIELD-NOTES §2).
+            for stage, names in (
+                (Milter.M_HELO, HELO_MACROS),
+                (Milter.M_ENVFROM, ENVFROM_MACROS),
+                (Milter.M_EOM, EOM_MACROS),
+            ):
+                self._ctx.setsymlist(stage, " ".join(names))
+        return status
+
+    # -- connection -----------------------------------------------------------------------------
+
+    @_guarded(CONTINUE)
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self._conn = _Connection()
+        if isinstance(hostaddr, tuple) and len(hostaddr) >= 2:
+            self._conn.client_addr = str(hostaddr[0])
+            self._conn.client_port = str(hostaddr[1])
+        networks = self._holder.engine.config.policy.internal_networks
+        if networks and _in_networks(self._conn.client_addr, networks):
+            log.info("skip client=%s reason=internal network", self._conn.client_addr)
+            return ACCEPT
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def hello(self, heloname: str) -> int:
+        self._conn.helo = heloname or ""
+        self._conn.helo_macros = self._read_macros(HELO_MACROS)
+        return CONTINUE
+
+    # -- transaction ----------------------------------------------------------------------------
+
+    @_guarded(CONTINUE)
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        self._tx = None
+        engine = self._holder.engine
+        macros = dict(self._conn.helo_macros)
+        macros.update({k: v for k, v in self._read_macros(ENVFROM_MACROS).items() if v is not None})
+        self._tx = _Transaction(engine, mailfrom or "", time.monotonic(), macros)
+        if macros.get("{auth_type}"):
+            self._tx.skip_reason = "SMTP AUTH session"
+            log.info("skip client=%s reason=SMTP AUTH session", self._conn.client_addr)
+            return ACCEPT
+        self._tx.prefetch = self._start_prefetch(engine, mailfrom, macros)
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def header(self, name: str, value: str) -> int:
+        if self._tx is not None and name.lower() == HEADER_NAME.lower():
+            self._tx.ar_values.append(value)
+        return CONTINUE
+
+    @_guarded(ACCEPT)
+    def eom(self) -> int:
+        tx = self._tx
+        if tx is None:  # no MAIL FROM seen (broken MTA conversation): nothing to judge
+            return ACCEPT
+        self._tx = None
+        if tx.skip_reason:  # skipped at MAIL FROM (an MTA should not even call us here)
+            return ACCEPT
+        verdict = self._verdict(tx)
+        action = _action(tx.engine, verdict)
+        dry_run = tx.engine.config.policy.dry_run
+        if not dry_run:
+            try:
+                self._rewrite_headers(tx, verdict)
+            except Exception:  # e.g. the MTA refused the action: still log and apply the policy
+                log.exception("cannot rewrite the %s fields", HEADER_NAME)
+        self._log(tx, verdict, action, dry_run)
+        if dry_run or action == "accept":
+            return ACCEPT
+        return self._refuse(action, verdict)
+
+    @_guarded(CONTINUE)
+    def abort(self) -> int:
+        self._tx = None
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def close(self) -> int:
+        self._tx = None
+        return CONTINUE
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _read_macros(self, names: tuple[str, ...]) -> dict[str, str | None]:
+        macros: dict[str, str | None] = {}
+        for name in names:
+            try:
+                value = self.getsymval(name)
+            except Exception as exc:  # e.g. pymilter cannot decode a non-UTF-8 value
+                log.warning("macro %s unreadable, ignored: %s", name, exc)
+                value = None
+            macros[name] = value if isinstance(value, str) or value is None else str(value)
+        return macros
+
+    def _start_prefetch(
+        self, engine: Engine, mailfrom: str, macros: dict[str, str | None]
+    ) -> Future[Any] | None:
+        """Look up Client MX in the background so end of message finds the answer cached."""
+        sender = parse_mail_from(mailfrom or "")
+        if sender.kind is not SenderKind.DOMAIN or not session_from_macros(macros).tls:
+            return None
+        budget = engine.config.dns.budget
+        return self._executor.submit(engine.resolver.client_mx, sender.domain, budget)
+
+    def _verdict(self, tx: _Transaction) -> Verdict:
+        """The core's verdict; temperror if anything inside goes wrong."""
+        try:
+            engine = tx.engine
+            if tx.prefetch is not None:
+                domain = parse_mail_from(tx.mail_from).domain
+                if not self._prefetch_done(tx, tx.prefetch):
+                    budget = engine.config.dns.budget
+                    reason = f"Client MX lookup did not finish within the {budget:g} s DNS budget"
+                    return Verdict(Result.TEMPERROR, reason, domain=domain)
+                # Use the answer itself: a failure is not cached, and asking again would spend
+                # the DNS budget a second time.
+                prefetched = _Prefetched(engine.resolver, domain, tx.prefetch.result())
+                engine = replace(engine, resolver=prefetched)
+            session = session_from_macros(tx.macros)
+            transaction = Transaction(mail_from=tx.mail_from, helo=self._conn.helo)
+            return engine.evaluate(transaction, Evidence(session=session))
+        except Exception:
+            log.exception("internal error during evaluation")
+            return Verdict(Result.TEMPERROR, "internal error", evidence=EvidenceKind.NONE)
+
+    @staticmethod
+    def _prefetch_done(tx: _Transaction, prefetch: Future[Any]) -> bool:
+        """Wait for the MAIL FROM lookup within what is left of the DNS budget."""
+        remaining = tx.engine.config.dns.budget - (time.monotonic() - tx.started)
+        try:
+            prefetch.result(timeout=max(remaining, 0.0))
+        except FutureTimeout:
+            return False
+        return True
+
+    def _rewrite_headers(self, tx: _Transaction, verdict: Verdict) -> None:
+        config = tx.engine.config
+        authserv_id = self._authserv_id(tx)
+        forged = fields_to_delete(
+            tx.ar_values, authserv_id, delete_all_ours=config.milter.delete_all_own_results
+        )
+        for index in forged:  # descending, so earlier indexes stay valid
+            self.chgheader(HEADER_NAME, index, "")
+        value = render_folded(verdict.header_field(authserv_id))
+        self.addheader(HEADER_NAME, value, 0)
+
+    def _authserv_id(self, tx: _Transaction) -> str:
+        configured = tx.engine.config.milter.authserv_id
+        return configured or tx.macros.get("j") or self.getsymval("j") or _hostname()
+
+    def _refuse(self, action: str, verdict: Verdict) -> int:
+        text = _reply_text(verdict)
+        if action == "reject":
+            self.setreply(*REPLY_REJECT, text)
+            return REJECT
+        self.setreply(*REPLY_TEMPFAIL, text)
+        return TEMPFAIL
+
+    def _log(self, tx: _Transaction, verdict: Verdict, action: str, dry_run: bool) -> None:
+        record = {
+            "queue_id": self.getsymval("i") or tx.macros.get("i") or "",
+            "client": self._conn.client_addr,
+            "helo": self._conn.helo[:255],
+            "domain": verdict.domain,
+            "result": verdict.result.value,
+            "reason": verdict.reason,
+            "evidence": verdict.evidence.value,
+            "names": list(verdict.names),
+            "matched": verdict.matched,
+            "action": action,
+            "dry_run": dry_run,
+            "elapsed_ms": round((time.monotonic() - tx.started) * 1000, 2),
+        }
+        log.info("verdict %s", json.dumps(record, separators=(",", ":")))
+
+
+@dataclass(frozen=True)
+class _Prefetched:
+    """A resolver answering the Client MX lookup made at MAIL FROM, delegating the rest."""
+
+    resolver: MxResolver
+    domain: str
+    lookup: HostLookup
+
+    def client_mx(self, domain: str, budget: float) -> HostLookup:
+        if domain == self.domain:
+            return self.lookup
+        return self.resolver.client_mx(domain, budget)
+
+    def server_mx(self, domain: str, budget: float) -> HostLookup:
+        return self.resolver.server_mx(domain, budget)
+
+    def addresses(self, host: str, budget: float) -> AddressLookup:
+        return self.resolver.addresses(host, budget)
+
+
+def _action(engine: Engine, verdict: Verdict) -> str:
+    """``accept``, ``reject`` or ``tempfail`` for this verdict under the policy."""
+    policy = engine.config.policy
+    if verdict.result is Result.FAIL and policy.on_fail is not FailAction.ANNOTATE:
+        return policy.on_fail.value
+    if verdict.result is Result.TEMPERROR and policy.on_temperror is TemperrorAction.TEMPFAIL:
+        return "tempfail"
+    return "accept"
+
+
+def _reply_text(verdict: Verdict) -> str:
+    """SMTP reply text: printable ASCII, no '%' (libmilter drops replies with odd '%')."""
+    text = f"mtls={verdict.result.value}: {verdict.reason}"
+    clean = "".join(c if " " <= c <= "~" and c != "%" else "?" for c in text)
+    return clean[:MAX_REPLY_TEXT]
+
+
+def _in_networks(address: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
