@@ -58,6 +58,9 @@ class FakeResolver:
     def addresses(self, host: str, budget: float) -> AddressLookup:
         return AddressLookup(LookupStatus.NOT_FOUND)
 
+    def cached_client_mx(self, domain: str) -> HostLookup | None:
+        return None
+
 
 def chain(pki: TestPki, leaf: str) -> Evidence:
     return chain_evidence(parse_certificates(pki.leaves[leaf].chain_path.read_bytes()))

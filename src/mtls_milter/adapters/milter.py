@@ -81,7 +81,7 @@ class _Transaction:
     started: float
     macros: dict[str, str | None]
     skip_reason: str = ""
-    prefetch: Future[Any] | None = None
+    prefetch: Future[HostLookup] | None = None
     ar_values: list[str] = field(default_factory=list)
 
 
@@ -218,11 +218,20 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
 
     def _start_prefetch(
         self, engine: Engine, mailfrom: str, macros: dict[str, str | None]
-    ) -> Future[Any] | None:
-        """Look up Client MX in the background so end of message finds the answer cached."""
+    ) -> Future[HostLookup] | None:
+        """Look up Client MX at MAIL FROM so end of message rarely waits for DNS.
+
+        A cached answer is taken at once; only a miss goes to the worker pool, so the
+        common case costs no thread hand-off.
+        """
         sender = parse_mail_from(mailfrom or "")
         if sender.kind is not SenderKind.DOMAIN or not session_from_macros(macros).tls:
             return None
+        cached = engine.resolver.cached_client_mx(sender.domain)
+        if cached is not None:
+            done: Future[HostLookup] = Future()
+            done.set_result(cached)
+            return done
         budget = engine.config.dns.budget
         return self._executor.submit(engine.resolver.client_mx, sender.domain, budget)
 
@@ -248,7 +257,7 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             return Verdict(Result.TEMPERROR, "internal error", evidence=EvidenceKind.NONE)
 
     @staticmethod
-    def _prefetch_done(tx: _Transaction, prefetch: Future[Any]) -> bool:
+    def _prefetch_done(tx: _Transaction, prefetch: Future[HostLookup]) -> bool:
         """Wait for the MAIL FROM lookup within what is left of the DNS budget."""
         remaining = tx.engine.config.dns.budget - (time.monotonic() - tx.started)
         try:
@@ -316,6 +325,9 @@ class _Prefetched:
 
     def addresses(self, host: str, budget: float) -> AddressLookup:
         return self.resolver.addresses(host, budget)
+
+    def cached_client_mx(self, domain: str) -> HostLookup | None:
+        return self.lookup if domain == self.domain else self.resolver.cached_client_mx(domain)
 
 
 def _action(engine: Engine, verdict: Verdict) -> str:

@@ -91,6 +91,8 @@ class MxResolver(Protocol):
 
     def addresses(self, host: str, budget: float) -> AddressLookup: ...
 
+    def cached_client_mx(self, domain: str) -> HostLookup | None: ...
+
 
 # A label: 1-63 printable ASCII characters other than "." and "\\" (which would need escapes).
 _LABEL = r"[!-\-/-\[\]-~]{1,63}"
@@ -233,6 +235,15 @@ class DnsResolver:
         if ttl is not None:
             self._cache_put(name, rdtype, result, ttl)
         return result
+
+    def cached_client_mx(self, domain: str) -> HostLookup | None:
+        """The cached Client MX answer for ``domain``, or None; never queries."""
+        try:
+            name = query_name(domain)
+        except ValueError:
+            return None
+        cached: HostLookup | None = self._cache_get(name, self._client_mx_type)
+        return cached
 
     def server_mx(self, domain: str, budget: float) -> HostLookup:
         """Look up the MX hosts of ``domain`` per RFC 5321 §5.1 (implicit MX, null MX)."""

@@ -81,8 +81,15 @@ class MtlsField:
 # --- sanitizing --------------------------------------------------------------------------------
 
 
+_CLEAN_ASCII = re.compile(r"[ -~]*")
+
+
 def _printable(text: str, replacements: dict[str, str]) -> str:
     """Map whitespace (incl. CR/LF) to " ", apply ``replacements``, non-printable-ASCII to "?"."""
+    if _CLEAN_ASCII.fullmatch(text):  # the common case: names and reasons we wrote ourselves
+        for old, new in replacements.items():
+            text = text.replace(old, new)
+        return _WS_RUN.sub(" ", text).strip()
     out: list[str] = []
     for ch in text:
         if ch in replacements:
