@@ -43,6 +43,7 @@ class TemperrorAction(StrEnum):
 
 
 DEFAULT_MILTER_SOCKET = "inet:8898@127.0.0.1"
+DEFAULT_POLICY_MAP_SOCKET = "inet:8899@127.0.0.1"
 DEFAULT_CLIENT_MX_TYPE = 265
 
 
@@ -92,6 +93,16 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyMapConfig:
+    """``[policy_map]``: the Postfix ``smtp_tls_policy_maps`` socketmap service (outbound)."""
+
+    socket: str = DEFAULT_POLICY_MAP_SOCKET  # libmilter syntax: inet:PORT@HOST or unix:/path
+    map_name: str = "mtls"  # the NAME in Postfix's socketmap:inet:HOST:PORT:NAME
+    report_only: bool = False  # log what would be enforced, answer NOTFOUND
+    max_request: int = 1000  # bytes of one netstring payload; longer: PERM and close
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -99,6 +110,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy_map: PolicyMapConfig = field(default_factory=PolicyMapConfig)
     source: str = "<built-in defaults>"
 
 
@@ -233,6 +245,13 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"{value!r} is not a network (like 192.0.2.0/24)") from None
 
 
+def _map_name(value: Any) -> str:
+    text = _str(value)
+    if not text or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in text):
+        raise ValueError("expected a non-empty name of letters, digits, '-', '_' or '.'")
+    return text
+
+
 def _trust_source(value: Any) -> str:
     text = _str(value)
     if not text:
@@ -270,6 +289,12 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "dry_run": _bool,
         "internal_networks": _list_of(_network),
     },
+    "policy_map": {
+        "socket": _socket_spec,
+        "map_name": _map_name,
+        "report_only": _bool,
+        "max_request": _integer(64, 65536),
+    },
 }
 
 
@@ -304,6 +329,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         dns=replace(DnsConfig(), **sections.get("dns", {})),
         tls=replace(TlsConfig(), **sections.get("tls", {})),
         policy=replace(PolicyConfig(), **sections.get("policy", {})),
+        policy_map=replace(PolicyMapConfig(), **sections.get("policy_map", {})),
         source=source,
     )
     _check_cross_field(config)
@@ -350,5 +376,6 @@ def defaults_table() -> dict[str, dict[str, Any]]:
             ("dns", DnsConfig),
             ("tls", TlsConfig),
             ("policy", PolicyConfig),
+            ("policy_map", PolicyMapConfig),
         )
     }

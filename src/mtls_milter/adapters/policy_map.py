@@ -1,0 +1,280 @@
+"""``mtls-milter policy-map``: a Postfix ``smtp_tls_policy_maps`` socketmap service (SPEC §7).
+
+Postfix connects with ``smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8899:mtls`` and sends
+netstrings ``mtls example.com``; each gets one netstring reply: ``OK secure match=… servername=
+hostname``, ``NOTFOUND ``, ``TEMP <reason>`` or ``PERM <reason>``. This module only translates
+the protocol; the decision is :func:`mtls_milter.core.outbound.tls_policy`.
+
+Requests on one connection may be pipelined: they are resolved concurrently (in a thread pool,
+dnspython being synchronous) and answered strictly in request order. A framing error (bad
+length, missing comma, a request longer than ``[policy_map] max_request``) is answered
+``PERM <reason>`` and the connection is closed, since the stream has no boundaries left to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mtls_milter.config import Config, ConfigError, PolicyMapConfig, load_config
+from mtls_milter.core.dns import DnsResolver, MxResolver
+from mtls_milter.core.outbound import PolicyKind, tls_policy
+
+from .netstring import NetstringError, NetstringReader, encode
+from .sdnotify import notify
+
+log = logging.getLogger("mtls_milter.policy_map")
+
+READ_SIZE = 4096
+IDLE_TIMEOUT = 600.0  # seconds without a request before a connection is closed
+MAX_PIPELINE = 32  # requests in flight per connection; more: stop reading until answered
+WORKER_THREADS = 16
+UNIX_SOCKET_MODE = 0o666  # the socket gives out only public DNS facts; Postfix runs as postfix
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why."""
+
+
+def add_parser(commands: Any) -> None:
+    """Register the ``policy-map`` subcommand."""
+    parser = commands.add_parser(
+        "policy-map",
+        help="run the Postfix smtp_tls_policy_maps socketmap service in the foreground",
+        description="Serve Postfix's smtp_tls_policy_maps over the socketmap protocol: "
+        "domains that publish Client MX get 'secure match=<MX hosts> servername=hostname'. "
+        "Listens on [policy_map] socket (default inet:8899@127.0.0.1). SIGTERM stops.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the configuration and serve until SIGTERM/SIGINT."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+        resolver = DnsResolver.from_config(config.dns)
+    except (ConfigError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    try:
+        asyncio.run(_main(config, resolver))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+async def _main(config: Config, resolver: MxResolver) -> None:
+    service = PolicyMapService(config.policy_map, resolver, budget=config.dns.budget)
+    server = await service.listen()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    notify("READY=1")
+    log.info(
+        "started: socket=%s map=%s report_only=%s config=%s",
+        config.policy_map.socket,
+        config.policy_map.map_name,
+        config.policy_map.report_only,
+        config.source,
+    )
+    try:
+        await stop.wait()
+    finally:
+        notify("STOPPING=1")
+        server.close()
+        await service.close()
+        log.info("stopped")
+
+
+def parse_listen_spec(spec: str) -> tuple[str, str | int, str]:
+    """``unix:/path`` → ("unix", path, ""); ``inet:PORT@HOST``/``inet6:…`` → ("inet", port, host).
+
+    Port 0 (an ephemeral port, for tests) is allowed here; the configuration never accepts it.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind in ("unix", "local") and rest.startswith("/"):
+        return "unix", rest, ""
+    if kind in ("inet", "inet6"):
+        port, _, host = rest.partition("@")
+        if port.isdigit() and int(port) < 65536 and host:
+            return "inet", int(port), host.strip("[]")
+    raise ValueError(f"bad socket {spec!r}: expected unix:/path or inet:PORT@HOST")
+
+
+class PolicyMapService:
+    """The socketmap protocol on top of :func:`tls_policy`; one instance serves all clients."""
+
+    def __init__(
+        self,
+        config: PolicyMapConfig,
+        resolver: MxResolver,
+        *,
+        budget: float = 5.0,
+        workers: int = WORKER_THREADS,
+    ) -> None:
+        self.config = config
+        self.resolver = resolver  # shared by all connections: its cache is the only cache
+        self.budget = budget
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="policy-map")
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def listen(self) -> asyncio.Server:
+        """Open the configured socket; StartupError when that is impossible."""
+        spec = self.config.socket
+        try:
+            kind, where, host = parse_listen_spec(spec)
+            if kind == "unix":
+                path = Path(str(where))
+                with contextlib.suppress(FileNotFoundError):
+                    if path.is_socket():
+                        path.unlink()  # a stale socket from an earlier run
+                server = await asyncio.start_unix_server(self._on_connect, path=str(path))
+                os.chmod(path, UNIX_SOCKET_MODE)
+            else:
+                server = await asyncio.start_server(
+                    self._on_connect, host=host, port=int(where), reuse_address=True
+                )
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot listen on {spec}: {exc}") from None
+        return server
+
+    async def close(self) -> None:
+        """Cancel open connections and stop the worker threads."""
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            await self.serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # one bad connection must never take the service down
+            log.exception("connection failed")
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Read netstrings, answer each in order; return when the client is done or wrong."""
+        loop = asyncio.get_running_loop()
+        parser = NetstringReader(self.config.max_request)
+        replies: asyncio.Queue[Awaitable[str] | None] = asyncio.Queue(MAX_PIPELINE)
+        sender = asyncio.create_task(self._send_replies(replies, writer))
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_SIZE), IDLE_TIMEOUT)
+                except TimeoutError:
+                    log.debug("closing idle connection")
+                    break
+                except OSError as exc:
+                    log.info("connection error: %s", exc)
+                    break
+                if not data:
+                    if parser.pending:
+                        log.warning("client closed in the middle of a request (truncated)")
+                    break
+                parser.feed(data)
+                while True:
+                    try:
+                        payload = parser.next_payload()
+                    except NetstringError as exc:
+                        log.warning("protocol error, closing connection: %s", exc)
+                        await replies.put(_ready(f"PERM protocol error: {exc}"))
+                        return
+                    if payload is None:
+                        break
+                    await replies.put(loop.run_in_executor(self._executor, self.answer, payload))
+        finally:
+            await replies.put(None)
+            with contextlib.suppress(Exception):
+                await sender
+
+    @staticmethod
+    async def _send_replies(
+        replies: asyncio.Queue[Awaitable[str] | None], writer: asyncio.StreamWriter
+    ) -> None:
+        """Write the replies in request order; after a write error keep draining the queue."""
+        broken = False
+        while True:
+            item = await replies.get()
+            if item is None:
+                return
+            try:
+                reply = await item
+            except Exception:
+                log.exception("policy lookup failed")
+                reply = "TEMP internal error"
+            if broken:
+                continue
+            try:
+                writer.write(encode(reply.encode("ascii", "replace")))
+                await writer.drain()
+            except OSError as exc:
+                log.info("client went away: %s", exc)
+                broken = True
+
+    def answer(self, payload: bytes) -> str:
+        """Reply to one request payload (``name key``); runs in a worker thread, never raises."""
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            log.warning("request is not UTF-8: %r", payload[:80])
+            return "PERM request is not UTF-8"
+        name, sep, key = text.partition(" ")
+        if not sep or not key.strip():
+            log.warning("malformed request %r: expected 'name key'", text[:80])
+            return "PERM malformed request: expected 'name key'"
+        if name != self.config.map_name:
+            log.info("unknown map name %r (serving %r): NOTFOUND", name, self.config.map_name)
+            return "NOTFOUND "
+        try:
+            decision = tls_policy(key, self.resolver, self.budget)
+        except Exception:
+            log.exception("policy decision for %r failed", key[:80])
+            return "TEMP internal error"
+        reply = decision.reply()
+        who = decision.domain or repr(key[:80])  # the raw key only quoted: no log injection
+        if self.config.report_only and decision.kind is not PolicyKind.NOTFOUND:
+            log.info(
+                "report-only: %s would be %r (%s); answering NOTFOUND", who, reply, decision.reason
+            )
+            return "NOTFOUND "
+        level = logging.DEBUG if decision.kind is PolicyKind.NOTFOUND else logging.INFO
+        log.log(level, "%s: %r (%s)", who, reply, decision.reason)
+        return reply
+
+
+async def _ready(reply: str) -> str:
+    return reply

@@ -1,0 +1,526 @@
+"""``mtls-milter probe DOMAIN``: check a domain's MX hosts the way a strict sender would (SPEC §7).
+
+For every MX host and each of its addresses (A, then AAAA): connect, EHLO, STARTTLS with SNI =
+the MX host name, record the TLS version and the whole served chain (pyOpenSSL: Python 3.11's
+``ssl`` returns only the leaf), validate the chain with the serverAuth policy and check that the
+MX name is among the certificate's names. Also reports whether the domain publishes Client MX and
+what ``mtls-milter policy-map`` would answer for it.
+
+Every address is probed in its own thread with one deadline (``--timeout``) for the whole
+conversation, so a run takes about one timeout plus the DNS time, whatever the hosts do.
+
+Exit status: 0 every address of every MX host verified; 1 some host failed (or the domain has no
+MX host to check); 2 bad usage or unreadable input; 3 a DNS lookup failed (SERVFAIL, timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL
+
+from mtls_milter.config import Config, ConfigError, load_config, parse_nameserver
+from mtls_milter.core.certs import (
+    CertificateInputError,
+    ChainValidator,
+    certificate_names,
+    load_trust_anchors,
+    name_matches,
+)
+from mtls_milter.core.dns import DnsResolver, HostLookup, LookupStatus
+from mtls_milter.core.names import normalize_domain
+from mtls_milter.core.outbound import tls_policy
+
+from .check import InputError
+
+__all__ = [
+    "EXIT_DNS",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "HostReport",
+    "ProbeReport",
+    "add_parser",
+    "probe_domain",
+    "run",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_DNS = 3
+SCHEMA_VERSION = 1
+MAX_REPLY_LINES = 100
+MAX_LINE = 2048
+EHLO_NAME = "mtls-milter-probe.invalid"
+
+
+def add_parser(commands: Any) -> None:
+    """Register the ``probe`` subcommand."""
+    parser = commands.add_parser(
+        "probe",
+        help="check the MX hosts of a domain: STARTTLS, chain, names, Client MX",
+        description="Connect to every MX host (every A/AAAA address) of DOMAIN with STARTTLS "
+        "and SNI, validate the served chain and the MX name, and report whether DOMAIN "
+        "publishes Client MX. Exit 0 all verified, 1 some failed, 2 usage, 3 DNS failure.",
+    )
+    parser.add_argument("domain", metavar="DOMAIN", help="recipient domain to check")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--port", type=int, default=25, help="SMTP port (default 25)")
+    parser.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="name server to ask (repeatable; default: the configuration, else the system's)",
+    )
+    parser.add_argument(
+        "--trust", action="append", default=[], metavar="PEM", help="extra trust anchors"
+    )
+    parser.add_argument(
+        "--no-system-trust", action="store_true", help="do not trust the system CA bundle"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds for the whole conversation with one address (default 10)",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.set_defaults(handler=run)
+
+
+@dataclass
+class HostReport:
+    """The outcome for one address of one MX host."""
+
+    host: str
+    address: str
+    port: int
+    connected: bool = False
+    starttls: bool = False  # the server offered STARTTLS and accepted the command
+    tls_version: str = ""
+    chain_valid: bool = False
+    error: str = ""
+    names: tuple[str, ...] = ()
+    name_matches: bool = False
+    seconds: float = 0.0
+
+    @property
+    def verified(self) -> bool:
+        """TLS with a valid chain naming the MX host."""
+        return self.chain_valid and self.name_matches and not self.error
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stable JSON form (see docs/outbound.md)."""
+        return {
+            "host": self.host,
+            "address": self.address,
+            "port": self.port,
+            "connected": self.connected,
+            "starttls": self.starttls,
+            "tls_version": self.tls_version,
+            "chain_valid": self.chain_valid,
+            "names": list(self.names),
+            "name_matches": self.name_matches,
+            "verified": self.verified,
+            "error": self.error,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class ProbeReport:
+    """The outcome for a domain."""
+
+    domain: str
+    client_mx: HostLookup
+    mx: HostLookup
+    policy: str
+    hosts: list[HostReport]
+    dns_errors: list[str]
+
+    @property
+    def opted_in(self) -> bool | None:
+        """True when the domain publishes Client MX; None when that lookup failed."""
+        if self.client_mx.status is LookupStatus.TEMPFAIL:
+            return None
+        return self.client_mx.status is not LookupStatus.NOT_FOUND
+
+    @property
+    def exit_status(self) -> int:
+        """0 all verified, 1 some failed or nothing to check, 3 DNS failure."""
+        if self.dns_errors:
+            return EXIT_DNS
+        if self.hosts and all(h.verified for h in self.hosts):
+            return EXIT_OK
+        return EXIT_FAILED
+
+    @property
+    def verdict(self) -> str:
+        """One word: ``verified``, ``failed``, ``no-mx`` or ``dns-error``."""
+        if self.dns_errors:
+            return "dns-error"
+        if not self.hosts:
+            return "no-mx"
+        return "verified" if self.exit_status == EXIT_OK else "failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stable JSON form (see docs/outbound.md)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "domain": self.domain,
+            "opted_in": self.opted_in,
+            "client_mx": _lookup_dict(self.client_mx),
+            "mx": _lookup_dict(self.mx),
+            "policy": self.policy,
+            "hosts": [h.as_dict() for h in self.hosts],
+            "dns_errors": list(self.dns_errors),
+            "verdict": self.verdict,
+            "exit_status": self.exit_status,
+        }
+
+
+def _lookup_dict(lookup: HostLookup) -> dict[str, Any]:
+    return {
+        "status": lookup.status.value,
+        "hosts": list(lookup.hosts),
+        "null": lookup.null,
+        "detail": lookup.detail,
+    }
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Probe and print; raises InputError for unusable input."""
+    try:
+        domain = normalize_domain(args.domain)
+    except ValueError as exc:
+        raise InputError(f"DOMAIN {args.domain!r}: {exc}") from None
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port {args.port}: expected 1-65535")
+    if not 0 < args.timeout <= 600:
+        raise InputError(f"--timeout {args.timeout:g}: expected more than 0 and at most 600")
+    config = _load(args.config)
+    for server in args.dns:
+        try:
+            parse_nameserver(server)
+        except ValueError as exc:
+            raise InputError(f"--dns: {exc}") from None
+    nameservers = tuple(args.dns) or config.dns.nameservers
+    trust = [s for s in config.tls.trust if not (args.no_system_trust and s == "system")]
+    trust += args.trust
+    if not trust:
+        raise InputError("no trust anchors: --no-system-trust needs at least one --trust PEM")
+    try:
+        validator = ChainValidator(load_trust_anchors(trust))
+    except CertificateInputError as exc:
+        raise InputError(f"trust anchors: {exc}") from None
+    dns_config = replace(config.dns, nameservers=nameservers)
+    try:
+        resolver = DnsResolver.from_config(dns_config)
+    except ValueError as exc:
+        raise InputError(f"DNS: {exc}") from None
+    report = probe_domain(
+        domain,
+        resolver,
+        validator,
+        port=args.port,
+        timeout=args.timeout,
+        budget=dns_config.budget,
+    )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        sys.stdout.write(render_table(report))
+    return report.exit_status
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise InputError(str(exc)) from None
+
+
+def probe_domain(
+    domain: str,
+    resolver: DnsResolver,
+    validator: ChainValidator,
+    *,
+    port: int = 25,
+    timeout: float = 10.0,
+    budget: float = 5.0,
+    now: datetime | None = None,
+) -> ProbeReport:
+    """Resolve ``domain`` and probe every address of every MX host concurrently."""
+    at = now or datetime.now(UTC)
+    client_mx = resolver.client_mx(domain, budget)
+    mx = resolver.server_mx(domain, budget)
+    policy = tls_policy(domain, resolver, budget).reply()  # served from the cache just filled
+    dns_errors: list[str] = []
+    if client_mx.status is LookupStatus.TEMPFAIL:
+        dns_errors.append(f"Client MX: {client_mx.detail}")
+    if mx.status is LookupStatus.TEMPFAIL:
+        dns_errors.append(f"MX: {mx.detail}")
+    targets: list[HostReport] = []
+    for host in mx.hosts if mx.status is LookupStatus.OK else ():
+        addresses = resolver.addresses(host, budget)
+        if addresses.status is LookupStatus.TEMPFAIL:
+            dns_errors.append(f"{host}: {addresses.detail}")
+        if not addresses.addresses:
+            targets.append(HostReport(host, "", port, error=f"DNS: {addresses.detail}"))
+        for address in addresses.addresses:
+            targets.append(HostReport(host, address, port))
+    to_probe = [t for t in targets if t.address]
+    if to_probe:
+        with ThreadPoolExecutor(min(32, len(to_probe)), thread_name_prefix="probe") as pool:
+            list(pool.map(lambda t: _probe_address(t, validator, timeout, at), to_probe))
+    return ProbeReport(domain, client_mx, mx, policy, targets, dns_errors)
+
+
+# -- one address --------------------------------------------------------------------------------
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Smtp:
+    """Just enough SMTP over a socket with one overall deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.buffer = b""
+
+    def _arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _Timeout
+        self.sock.settimeout(left)
+
+    def recv(self) -> bytes:
+        self._arm()
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            raise _Timeout from None
+        if not data:
+            raise ConnectionError("connection closed by the server")
+        return data
+
+    def send(self, data: bytes) -> None:
+        self._arm()
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise _Timeout from None
+
+    def reply(self) -> tuple[int, list[str]]:
+        """Read one (multi-line) SMTP reply: (code, texts)."""
+        lines: list[str] = []
+        while len(lines) < MAX_REPLY_LINES:
+            while b"\n" not in self.buffer:
+                if len(self.buffer) > MAX_LINE:
+                    raise ConnectionError("SMTP reply line too long")
+                self.buffer += self.recv()
+            raw, _, self.buffer = self.buffer.partition(b"\n")
+            line = raw.rstrip(b"\r").decode("ascii", "replace")
+            code = line[:3]
+            if len(line) < 3 or not code.isdigit():
+                raise ConnectionError(f"not an SMTP reply: {line[:80]!r}")
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return int(code), lines
+        raise ConnectionError("SMTP reply has too many lines")
+
+
+def _probe_address(
+    report: HostReport, validator: ChainValidator, timeout: float, at: datetime
+) -> None:
+    start = time.monotonic()
+    deadline = start + timeout
+    phase = "connect"
+    family = socket.AF_INET6 if ":" in report.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((report.address, report.port))
+        except TimeoutError:
+            raise _Timeout from None
+        report.connected = True
+        smtp = _Smtp(sock, deadline)
+        phase = "greeting"
+        code, _ = smtp.reply()
+        if code != 220:
+            report.error = f"greeting {code}: not ready"
+            return
+        phase = "EHLO"
+        smtp.send(f"EHLO {EHLO_NAME}\r\n".encode())
+        code, lines = smtp.reply()
+        if code != 250:
+            report.error = f"EHLO refused ({code})"
+            return
+        if not any(line.split(" ", 1)[0].upper() == "STARTTLS" for line in lines[1:]):
+            report.error = "STARTTLS not offered"
+            _quit(smtp)
+            return
+        phase = "STARTTLS"
+        smtp.send(b"STARTTLS\r\n")
+        code, lines = smtp.reply()
+        if code != 220:
+            report.error = f"STARTTLS refused ({code} {' '.join(lines)[:80]})"
+            return
+        report.starttls = True
+        phase = "TLS handshake"
+        version, chain = _handshake(smtp, report.host)
+        report.tls_version = version
+        _judge(report, chain, validator, at)
+    except _Timeout:
+        report.error = f"timed out after {timeout:g} s ({phase})"
+    except SSL.Error as exc:
+        report.error = f"{phase} failed: {_ssl_error(exc)}"
+    except OSError as exc:
+        report.error = f"{phase} failed: {exc.strerror or exc}"
+    except Exception as exc:  # a probe must report, never crash
+        report.error = f"{phase} failed: {type(exc).__name__}: {exc}"
+    finally:
+        sock.close()
+        report.seconds = time.monotonic() - start
+
+
+def _quit(smtp: _Smtp) -> None:
+    with contextlib.suppress(OSError, _Timeout):
+        smtp.send(b"QUIT\r\n")
+
+
+def _ssl_error(exc: SSL.Error) -> str:
+    """OpenSSL's error queue ``[(lib, func, reason), …]`` as text."""
+    items = exc.args[0] if exc.args and isinstance(exc.args[0], list) else [exc]
+    parts = [str(i[-1]) if isinstance(i, tuple) and i else str(i) for i in items]
+    return "; ".join(p for p in parts if p) or type(exc).__name__
+
+
+def _handshake(smtp: _Smtp, server_name: str) -> tuple[str, list[x509.Certificate]]:
+    """TLS client handshake through memory BIOs (so the deadline applies); no verification here."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_verify(SSL.VERIFY_NONE, lambda *_: True)
+    conn = SSL.Connection(context, None)
+    conn.set_tlsext_host_name(server_name.encode("ascii"))
+    conn.set_connect_state()
+    if smtp.buffer:  # bytes after the 220 reply: a server that talks TLS too early
+        conn.bio_write(smtp.buffer)
+        smtp.buffer = b""
+    while True:
+        try:
+            conn.do_handshake()
+            break
+        except SSL.WantReadError:
+            _flush(conn, smtp)
+            conn.bio_write(smtp.recv())
+    _flush(conn, smtp)
+    chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+    version = conn.get_protocol_version_name()
+    try:  # a polite QUIT inside TLS; the verdict does not depend on it
+        conn.send(b"QUIT\r\n")
+        _flush(conn, smtp)
+    except (SSL.Error, OSError, _Timeout):
+        pass
+    return version, list(chain)
+
+
+def _flush(conn: SSL.Connection, smtp: _Smtp) -> None:
+    while True:
+        try:
+            data = conn.bio_read(65536)
+        except SSL.WantReadError:
+            return
+        if not data:
+            return
+        smtp.send(data)
+
+
+def _judge(
+    report: HostReport, chain: list[x509.Certificate], validator: ChainValidator, at: datetime
+) -> None:
+    if not chain:
+        report.error = "no certificate presented"
+        return
+    report.names = certificate_names(chain[0])
+    report.name_matches = any(
+        name_matches(name, report.host, allow_wildcards=True) for name in report.names
+    )
+    verdict = validator.validate_server(chain, at, report.host)
+    if verdict.valid:
+        report.chain_valid = True
+        return
+    if report.name_matches or not report.names:
+        report.error = f"chain invalid: {verdict.error}"
+        return
+    # Separate "wrong name" from "untrusted": validate again for a name the certificate has.
+    other = report.names[0]
+    if other.startswith("*."):
+        other = "wildcard" + other[1:]
+    second = validator.validate_server(chain, at, other)
+    report.chain_valid = second.valid
+    report.error = f"name mismatch: certificate names {', '.join(report.names)}, not {report.host}"
+    if not second.valid:
+        report.error += f"; chain invalid: {second.error}"
+
+
+# -- text output --------------------------------------------------------------------------------
+
+
+def render_table(report: ProbeReport) -> str:
+    """A readable report for an operator."""
+    opted = {True: "yes", False: "no", None: "unknown (lookup failed)"}[report.opted_in]
+    client = ", ".join(report.client_mx.hosts) or (
+        "null (0 .)" if report.client_mx.null else report.client_mx.detail or "-"
+    )
+    mx = ", ".join(report.mx.hosts) or ("null (0 .)" if report.mx.null else report.mx.detail)
+    lines = [
+        f"domain:     {report.domain}",
+        f"opted in:   {opted} (Client MX: {client})",
+        f"MX:         {mx}{' (implicit)' if report.mx.implicit else ''}",
+        f"policy-map: {report.policy}",
+        "",
+    ]
+    rows = [("HOST", "ADDRESS", "PORT", "TLS", "CHAIN", "NAME", "RESULT")]
+    for h in report.hosts:
+        rows.append(
+            (
+                h.host,
+                h.address or "-",
+                str(h.port),
+                h.tls_version or ("no STARTTLS" if h.connected and not h.starttls else "-"),
+                "valid" if h.chain_valid else ("invalid" if h.names else "-"),
+                "match" if h.name_matches else ("mismatch" if h.names else "-"),
+                "verified" if h.verified else f"FAILED: {h.error}",
+            )
+        )
+    if report.hosts:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+            lines.append("  ".join([*cells, row[-1]]).rstrip())
+        lines.append("")
+    else:
+        lines.append("no MX host to check")
+    for error in report.dns_errors:
+        lines.append(f"DNS error: {error}")
+    lines.append(f"verdict:    {report.verdict} (exit {report.exit_status})")
+    return "\n".join(lines) + "\n"
