@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # Build and run time: pymilter compiles against libmilter; the tests start a real DNS server.
-APT_PACKAGES := gcc python3-dev python3-venv libmilter-dev libmilter1.0.1 dnsmasq-base
+APT_PACKAGES := gcc python3-dev python3-venv libmilter-dev libmilter1.0.1 dnsmasq-base pebble
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test setup system-packages test-packages lint bench clean

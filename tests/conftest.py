@@ -1,3 +1,3 @@
 """Shared pytest configuration: fixtures live in the fixtures_* modules beside this file."""
 
-pytest_plugins = ["fixtures_dns", "fixtures_pki"]
+pytest_plugins = ["fixtures_acme", "fixtures_dns", "fixtures_pki"]

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from mtls_milter import __version__
-from mtls_milter.adapters import check, serve
+from mtls_milter.adapters import acme as acme_cli
+from mtls_milter.adapters import check, policy_map, probe, serve
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     check.add_parser(commands)
     serve.add_parser(commands)
+    policy_map.add_parser(commands)
+    probe.add_parser(commands)
+    acme_cli.add_parser(commands)
     return parser
 
 

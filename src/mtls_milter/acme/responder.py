@@ -1,0 +1,377 @@
+"""The MX host side: serve ``GET /.well-known/acme-challenge/<token>`` from files ``DIR/<token>``.
+
+Each file holds a key authorization (as an ACME client writes it for HTTP-01). Everything else is
+404. The request target is matched *raw*, before any percent-decoding: it must be exactly the
+challenge prefix followed by a token of base64url characters, so ``..``, ``%2F``, ``%2e``,
+backslashes, query strings and absolute paths can never reach the file system. The file must be
+a regular file whose real path (symlinks resolved) lies inside DIR, at most :data:`MAX_FILE`
+bytes. Requests are bounded (head at most :data:`MAX_REQUEST` bytes, read within a timeout, one
+request per connection, a cap on concurrent connections) and each is logged in one line.
+
+An asyncio server: :class:`Responder` for the CLI (``mtls-milter acme respond``) and
+:class:`ResponderThread` to run one in a background thread (tests, embedding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import stat
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from mtls_milter.acme.keyauth import is_token
+from mtls_milter.acme.validator import CHALLENGE_PATH
+
+__all__ = [
+    "MAX_FILE",
+    "MAX_REQUEST",
+    "Responder",
+    "ResponderThread",
+    "lookup_token",
+    "parse_listen",
+]
+
+log = logging.getLogger("mtls_milter.acme.respond")
+
+MAX_REQUEST = 8192  # request line + headers
+MAX_FILE = 8192  # a key authorization is ~90 bytes
+READ_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256
+SERVER = "mtls-milter-acme-responder"
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); ValueError if malformed."""
+    if text.startswith("["):
+        host, sep, tail = text[1:].partition("]")
+        if not sep or not tail.startswith(":"):
+            raise ValueError(f"bad listen address {text!r} (expected [IPv6]:PORT)")
+        port_text = tail[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"bad listen address {text!r} (expected HOST:PORT or [IPv6]:PORT)")
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f"bad port in listen address {text!r}")
+    return host, int(port_text)
+
+
+def lookup_token(directory: Path, token: str) -> tuple[bytes | None, str]:
+    """(content, "") for a servable token file, else (None, why not) — never raises."""
+    if not is_token(token):
+        return None, "not a token"
+    try:
+        root = directory.resolve(strict=True)
+        real = (root / token).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None, "no such token"
+    if real.parent != root:
+        return None, "token file leaves the directory (symlink)"
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return None, f"cannot open: {exc.strerror}"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, "not a regular file"
+        if info.st_size > MAX_FILE:
+            return None, f"file larger than {MAX_FILE} bytes"
+        data = b""
+        while len(data) <= MAX_FILE and (chunk := os.read(fd, MAX_FILE + 1 - len(data))):
+            data += chunk
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE:
+        return None, f"file larger than {MAX_FILE} bytes"
+    return data, ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str = "-"
+    target: str = "-"
+    host: str = "-"
+    agent: str = "-"
+
+
+class Responder:
+    """The HTTP-01 responder: ``await start()``, then ``await serve_forever()`` or ``close()``."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        listen: Sequence[tuple[str, int]],
+        *,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        optional: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """``optional`` listeners are skipped with a warning when their address is unusable."""
+        self.directory = Path(directory)
+        self._listen = list(listen)
+        self._optional = list(optional)
+        self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._active = 0
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.addresses: list[tuple[str, int]] = []
+
+    async def start(self) -> list[tuple[str, int]]:
+        """Bind every listener; return the bound (host, port) pairs. OSError if one fails."""
+        for (host, port), optional in [(a, False) for a in self._listen] + [
+            (a, True) for a in self._optional
+        ]:
+            try:
+                server = await asyncio.start_server(
+                    self._handle, host, port, limit=MAX_REQUEST, reuse_address=True
+                )
+            except OSError as exc:
+                if optional and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    log.warning("not listening on %s:%d: %s", host, port, exc.strerror)
+                    continue
+                await self.close()
+                raise
+            self._servers.append(server)
+            for sock in server.sockets:
+                bound = sock.getsockname()
+                self.addresses.append((str(bound[0]), int(bound[1])))
+        if not self.addresses:
+            raise OSError(errno.EADDRNOTAVAIL, "no listener could be bound")
+        for host, port in self.addresses:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            log.info("listening on %s, serving %s", where, self.directory)
+        return self.addresses
+
+    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set (forever without one), then close."""
+        try:
+            await (stop or asyncio.Event()).wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop listening and end the connections still in progress."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+        tasks = [task for task in self._tasks if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- one connection, one request -------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_info = writer.get_extra_info("peername")
+        peer = str(peer_info[0]) if peer_info else "-"
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._active += 1
+        try:
+            if self._active > self._max_connections:
+                await self._reply(writer, peer, _Request(), 503, b"busy\n", "too many connections")
+                return
+            try:
+                head = await asyncio.wait_for(
+                    reader.readuntil(b"\r\n\r\n"), timeout=self._read_timeout
+                )
+            except asyncio.LimitOverrunError:
+                await self._reply(writer, peer, _Request(), 431, b"request too large\n", "")
+                return
+            except TimeoutError:
+                await self._reply(writer, peer, _Request(), 408, b"timeout\n", "")
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                _log_line(peer, _Request(), 0, 0, "incomplete request")
+                return
+            request, status, note = self._parse(head)
+            if status:
+                await self._reply(writer, peer, request, status, b"bad request\n", note)
+                return
+            token = request.target[len(CHALLENGE_PATH) :]
+            if not request.target.startswith(CHALLENGE_PATH):
+                body, note = None, "not a challenge path"
+            else:
+                body, note = lookup_token(self.directory, token)
+            if body is None:
+                await self._reply(writer, peer, request, 404, b"not found\n", note)
+                return
+            await self._reply(writer, peer, request, 200, body, "")
+        except Exception as exc:  # one bad connection never stops the server
+            log.warning("%s: internal error: %s: %s", peer, type(exc).__name__, exc)
+        finally:
+            self._active -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), timeout=self._read_timeout)
+            if task is not None:
+                self._tasks.discard(task)
+
+    def _parse(self, head: bytes) -> tuple[_Request, int, str]:
+        """(request, 0, "") or (partial request, error status, why)."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return _Request(target=_clean(lines[0])), 400, "malformed request line"
+        method, target, version = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                return _Request(method, target), 400, "malformed header line"
+            headers.setdefault(name.lower(), value.strip())
+        request = _Request(method, target, headers.get("host", "-"), headers.get("user-agent", "-"))
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            return request, 505, "unsupported HTTP version"
+        if method not in ("GET", "HEAD"):
+            return request, 405, "method not allowed"
+        if version == "HTTP/1.1" and "host" not in headers:
+            return request, 400, "HTTP/1.1 request without Host"
+        if target.startswith(("http://", "https://")):  # absolute-form (RFC 9112 §3.2.2)
+            after = target.split("//", 1)[1]
+            slash = after.find("/")
+            target = after[slash:] if slash >= 0 else "/"
+            request = _Request(method, target, request.host, request.agent)
+        return request, 0, ""
+
+    async def _reply(
+        self,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        request: _Request,
+        status: int,
+        body: bytes,
+        note: str,
+    ) -> None:
+        kind = "application/octet-stream" if status == 200 else "text/plain; charset=us-ascii"
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Server: {SERVER}\r\n"
+            f"Content-Type: {kind}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + ("Allow: GET, HEAD\r\n" if status == 405 else "")
+            + "Cache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        writer.write(head if request.method == "HEAD" else head + body)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain(), timeout=self._read_timeout)
+        _log_line(peer, request, status, len(body), note)
+
+
+def _clean(text: str, limit: int = 200) -> str:
+    """Untrusted text for a log line: printable ASCII, no spaces or quotes, bounded."""
+    out = "".join(c if 0x21 <= ord(c) < 0x7F and c not in '"\\' else "?" for c in text[:limit])
+    return out + ("..." if len(text) > limit else "") or "-"
+
+
+def _log_line(peer: str, request: _Request, status: int, size: int, note: str) -> None:
+    log.info(
+        '%s %s %s %d %d host=%s ua="%s"%s',
+        peer,
+        _clean(request.method, 16),
+        _clean(request.target),
+        status,
+        size,
+        _clean(request.host, 100),
+        _clean(request.agent, 100),
+        f" ({note})" if note else "",
+    )
+
+
+class ResponderThread:
+    """A :class:`Responder` on its own event loop in a daemon thread (context manager)."""
+
+    def __init__(self, directory: Path | str, listen: Sequence[tuple[str, int]]) -> None:
+        self.responder = Responder(directory, listen)
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="acme-responder", daemon=True)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) pairs."""
+        return self.responder.addresses
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            try:
+                await self.responder.start()
+            except BaseException as exc:
+                self._error = exc
+                return
+            finally:
+                self._ready.set()
+            await self.responder.serve_forever(self._stop)
+
+        self._loop.run_until_complete(main())
+        self._loop.close()
+
+    def start(self) -> ResponderThread:
+        """Start and wait until listening; re-raise a bind error."""
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and join the thread."""
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(10)
+
+    def __enter__(self) -> ResponderThread:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+async def run_until_signal(responder: Responder) -> None:
+    """Start ``responder`` and serve until SIGTERM or SIGINT."""
+    await responder.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await responder.serve_forever(stop)
