@@ -103,6 +103,27 @@ class PolicyMapConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyServiceConfig:
+    """``[policy_service]``: Postfix policy delegation next to the milter (certificate facts)."""
+
+    socket: str = ""  # empty: off; else libmilter syntax inet:PORT@HOST or unix:/path
+    socket_mode: str = "0660"  # permissions of a unix socket (Postfix must be able to connect)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainFetchConfig:
+    """``[chain_fetch]``: fetch the client's chain from its own host's SMTP port (SPEC §3)."""
+
+    enabled: bool = True  # runs only when a fingerprint is known and the MTA evidence falls short
+    port: int = 25
+    timeout: float = 3.0  # seconds for the whole STARTTLS conversation with the client's host
+    max_concurrent: int = 16  # fetches in flight; beyond that a message goes without
+    allow_private: bool = False  # also fetch from private, loopback and other non-global addresses
+    cache_ttl: int = 3600  # seconds a fetched chain is kept (by leaf fingerprint)
+    negative_ttl: int = 300  # seconds an address whose fetch failed is not asked again
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -111,6 +132,8 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     policy_map: PolicyMapConfig = field(default_factory=PolicyMapConfig)
+    policy_service: PolicyServiceConfig = field(default_factory=PolicyServiceConfig)
+    chain_fetch: ChainFetchConfig = field(default_factory=ChainFetchConfig)
     source: str = "<built-in defaults>"
 
 
@@ -179,6 +202,13 @@ def _list_of(item: Converter) -> Converter:
 def _socket_spec(value: Any) -> str:
     text = _str(value)
     check_socket_spec(text)
+    return text
+
+
+def _optional_socket_spec(value: Any) -> str:
+    text = _str(value)
+    if text:
+        check_socket_spec(text)
     return text
 
 
@@ -295,6 +325,19 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "report_only": _bool,
         "max_request": _integer(64, 65536),
     },
+    "policy_service": {
+        "socket": _optional_socket_spec,
+        "socket_mode": _octal_mode,
+    },
+    "chain_fetch": {
+        "enabled": _bool,
+        "port": _integer(1, 65535),
+        "timeout": _number(0.1, 30),
+        "max_concurrent": _integer(1, 1024),
+        "allow_private": _bool,
+        "cache_ttl": _integer(0, 7 * 86400),
+        "negative_ttl": _integer(0, 86400),
+    },
 }
 
 
@@ -330,6 +373,8 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         tls=replace(TlsConfig(), **sections.get("tls", {})),
         policy=replace(PolicyConfig(), **sections.get("policy", {})),
         policy_map=replace(PolicyMapConfig(), **sections.get("policy_map", {})),
+        policy_service=replace(PolicyServiceConfig(), **sections.get("policy_service", {})),
+        chain_fetch=replace(ChainFetchConfig(), **sections.get("chain_fetch", {})),
         source=source,
     )
     _check_cross_field(config)
@@ -377,5 +422,7 @@ def defaults_table() -> dict[str, dict[str, Any]]:
             ("tls", TlsConfig),
             ("policy", PolicyConfig),
             ("policy_map", PolicyMapConfig),
+            ("policy_service", PolicyServiceConfig),
+            ("chain_fetch", ChainFetchConfig),
         )
     }

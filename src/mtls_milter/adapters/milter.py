@@ -21,12 +21,23 @@ from typing import Any, TypeVar
 import Milter
 
 from mtls_milter.config import FailAction, TemperrorAction
-from mtls_milter.core.dns import AddressLookup, HostLookup, MxResolver
+from mtls_milter.core.certs import name_matches
+from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.evaluate import Result, Transaction, Verdict
-from mtls_milter.core.evidence import Evidence, EvidenceKind, session_from_macros
+from mtls_milter.core.evidence import (
+    Evidence,
+    EvidenceKind,
+    TlsSession,
+    session_from_macros,
+    with_chain,
+    with_fingerprint,
+)
 from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
 from mtls_milter.core.names import SenderKind, parse_mail_from
 from mtls_milter.engine import Engine
+
+from .chain_fetch import ChainFetcher, FetchOutcome
+from .policy_service import SessionTable
 
 log = logging.getLogger("mtls_milter")
 
@@ -83,6 +94,10 @@ class _Transaction:
     skip_reason: str = ""
     prefetch: Future[HostLookup] | None = None
     ar_values: list[str] = field(default_factory=list)
+    chain_fetch: Future[FetchOutcome] | None = None  # started at MAIL FROM, DATA or end
+    chain_deadline: float = 0.0
+    chain_detail: str = ""  # for the verdict log line
+    session: TlsSession | None = None  # decoded once the policy request can have arrived (DATA)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -108,9 +123,18 @@ def _guarded(fallback: int) -> Callable[[_F], _F]:
 class MtlsMilter(Milter.Base):  # type: ignore[misc]
     """One instance per SMTP connection (pymilter's factory creates it)."""
 
-    def __init__(self, holder: EngineHolder, executor: Executor) -> None:
+    def __init__(
+        self,
+        holder: EngineHolder,
+        executor: Executor,
+        *,
+        sessions: SessionTable | None = None,
+        fetcher: ChainFetcher | None = None,
+    ) -> None:
         self._holder = holder
         self._executor = executor
+        self._sessions = sessions  # the policy service's table (Postfix fingerprints)
+        self._fetcher = fetcher  # chain evidence; None: off
         self._conn = _Connection()
         self._tx: _Transaction | None = None
 
@@ -164,6 +188,21 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             log.info("skip client=%s reason=SMTP AUTH session", self._conn.client_addr)
             return ACCEPT
         self._tx.prefetch = self._start_prefetch(engine, mailfrom, macros)
+        self._start_chain_fetch(self._tx, wait_for_dns=False)  # Sendmail: fingerprint known now
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def data(self) -> int:
+        # Postfix's policy request (the fingerprint) arrives at RCPT: after MAIL FROM, before DATA.
+        if self._tx is not None and not self._tx.skip_reason:
+            self._tx.session = self._session(self._tx)  # every RCPT (policy request) is done
+            self._start_chain_fetch(self._tx, wait_for_dns=False)
+        # Not a no-op: without this callback pymilter negotiates SMFIP_NODATA, and Postfix then
+        # sends the DATA macros with no command after them. The milter never answers that
+        # packet, so the kernel delays its ACK (~40 ms) and Postfix's next small write (the
+        # first header, from cleanup) waits for it under Nagle: a ~40 ms stall per message
+        # over inet: that the milter's own TCP_NODELAY cannot remove. With the DATA command
+        # negotiated, the milter's reply acknowledges it at once.
         return CONTINUE
 
     @_guarded(CONTINUE)
@@ -249,12 +288,100 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
                 # the DNS budget a second time.
                 prefetched = _Prefetched(engine.resolver, domain, tx.prefetch.result())
                 engine = replace(engine, resolver=prefetched)
-            session = session_from_macros(tx.macros)
             transaction = Transaction(mail_from=tx.mail_from, helo=self._conn.helo)
-            return engine.evaluate(transaction, Evidence(session=session))
+            return engine.evaluate(transaction, self._evidence(tx))
         except Exception:
             log.exception("internal error during evaluation")
             return Verdict(Result.TEMPERROR, "internal error", evidence=EvidenceKind.NONE)
+
+    # -- chain evidence (SPEC §3) ----------------------------------------------------------------
+
+    def _session(self, tx: _Transaction) -> TlsSession:
+        """The MTA's TLS facts, plus the fingerprint Postfix's policy request gave for them."""
+        if tx.session is not None:
+            return tx.session
+        session = session_from_macros(tx.macros)
+        if self._sessions is None or not session.tls or session.fingerprint:
+            return session
+        facts = self._sessions.get(self._conn.client_addr, self._conn.client_port)
+        if facts is not None and facts.fingerprint:
+            session = with_fingerprint(session, facts.fingerprint)
+        return session
+
+    def _start_chain_fetch(self, tx: _Transaction, *, wait_for_dns: bool) -> None:
+        """Start a chain fetch when it can help; a cached chain is taken at once."""
+        fetcher = self._fetcher
+        if (
+            fetcher is None
+            or tx.chain_fetch is not None
+            or not tx.engine.config.chain_fetch.enabled
+        ):
+            return
+        session = self._session(tx)
+        if not session.fingerprint and not session.fingerprint_md5:
+            return
+        cached = fetcher.cached(session)
+        config = tx.engine.config
+        if cached is None:
+            wanted = self._chain_wanted(tx, session, wait_for_dns)
+            if wanted is None:  # undecided until the Client MX lookup is done
+                return
+            if not wanted:
+                tx.chain_detail = "not fetched: a chain cannot change this result"
+                return
+        server_name = session.mta_cn or self._conn.helo
+        tx.chain_deadline = time.monotonic() + config.chain_fetch.timeout + 0.25
+        tx.chain_fetch = fetcher.start(
+            session, self._conn.client_addr, server_name, config.chain_fetch
+        )
+
+    def _chain_wanted(self, tx: _Transaction, session: TlsSession, wait: bool) -> bool | None:
+        """Whether a chain could change the verdict: the MTA did not verify the certificate, or
+        its CN matches no published host. None while the Client MX lookup is still running."""
+        config = tx.engine.config
+        if tx.prefetch is not None:
+            if not tx.prefetch.done() and not wait:
+                return None
+            if not self._prefetch_done(tx, tx.prefetch):
+                return False
+            lookup = tx.prefetch.result()
+            if lookup.status is LookupStatus.NOT_FOUND:
+                if not config.policy.server_mx_fallback:
+                    return False  # not opted in: no evidence changes "none"
+            elif lookup.status is not LookupStatus.OK or lookup.null:
+                return False
+            elif session.mta_verified and session.mta_cn:
+                wild = config.tls.allow_wildcards
+                return not any(
+                    name_matches(session.mta_cn, host, allow_wildcards=wild)
+                    for host in lookup.hosts
+                )
+        return not (session.mta_verified and session.mta_cn)
+
+    def _evidence(self, tx: _Transaction) -> Evidence:
+        """The session's evidence, with the client's chain when one is bound to it in time."""
+        session = self._session(tx)
+        evidence = Evidence(session=session)
+        if self._fetcher is None or (not session.fingerprint and not session.fingerprint_md5):
+            return evidence
+        self._start_chain_fetch(tx, wait_for_dns=True)
+        future = tx.chain_fetch
+        if future is None:
+            return evidence
+        try:
+            outcome = future.result(timeout=max(tx.chain_deadline - time.monotonic(), 0.0))
+        except FutureTimeout:
+            budget = tx.engine.config.chain_fetch.timeout
+            tx.chain_detail = f"chain fetch did not finish within {budget:g} s"
+            log.info("client=%s: %s; no chain evidence", self._conn.client_addr, tx.chain_detail)
+            return evidence
+        tx.chain_detail = outcome.detail
+        if not outcome.chain:
+            return evidence
+        bound = with_chain(evidence, outcome.chain)
+        if not bound.chain:
+            tx.chain_detail = "chain refused: its leaf is not this session's certificate"
+        return bound
 
     @staticmethod
     def _prefetch_done(tx: _Transaction, prefetch: Future[HostLookup]) -> bool:
@@ -300,6 +427,7 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             "evidence": verdict.evidence.value,
             "names": list(verdict.names),
             "matched": verdict.matched,
+            "chain": tx.chain_detail,
             "action": action,
             "dry_run": dry_run,
             "elapsed_ms": round((time.monotonic() - tx.started) * 1000, 2),

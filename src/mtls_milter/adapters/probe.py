@@ -16,9 +16,7 @@ MX host to check); 2 bad usage or unreadable input; 3 a DNS lookup failed (SERVF
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from OpenSSL import SSL
 
 from mtls_milter.config import Config, ConfigError, load_config, parse_nameserver
 from mtls_milter.core.certs import (
@@ -42,6 +39,7 @@ from mtls_milter.core.names import normalize_domain
 from mtls_milter.core.outbound import tls_policy
 
 from .check import InputError
+from .starttls import starttls_chain
 
 __all__ = [
     "EXIT_DNS",
@@ -59,8 +57,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DNS = 3
 SCHEMA_VERSION = 1
-MAX_REPLY_LINES = 100
-MAX_LINE = 2048
 EHLO_NAME = "mtls-milter-probe.invalid"
 
 
@@ -294,164 +290,20 @@ def probe_domain(
 # -- one address --------------------------------------------------------------------------------
 
 
-class _Timeout(Exception):
-    pass
-
-
-class _Smtp:
-    """Just enough SMTP over a socket with one overall deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.buffer = b""
-
-    def _arm(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _Timeout
-        self.sock.settimeout(left)
-
-    def recv(self) -> bytes:
-        self._arm()
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            raise _Timeout from None
-        if not data:
-            raise ConnectionError("connection closed by the server")
-        return data
-
-    def send(self, data: bytes) -> None:
-        self._arm()
-        try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            raise _Timeout from None
-
-    def reply(self) -> tuple[int, list[str]]:
-        """Read one (multi-line) SMTP reply: (code, texts)."""
-        lines: list[str] = []
-        while len(lines) < MAX_REPLY_LINES:
-            while b"\n" not in self.buffer:
-                if len(self.buffer) > MAX_LINE:
-                    raise ConnectionError("SMTP reply line too long")
-                self.buffer += self.recv()
-            raw, _, self.buffer = self.buffer.partition(b"\n")
-            line = raw.rstrip(b"\r").decode("ascii", "replace")
-            code = line[:3]
-            if len(line) < 3 or not code.isdigit():
-                raise ConnectionError(f"not an SMTP reply: {line[:80]!r}")
-            lines.append(line[4:])
-            if line[3:4] != "-":
-                return int(code), lines
-        raise ConnectionError("SMTP reply has too many lines")
-
-
 def _probe_address(
     report: HostReport, validator: ChainValidator, timeout: float, at: datetime
 ) -> None:
     start = time.monotonic()
-    deadline = start + timeout
-    phase = "connect"
-    family = socket.AF_INET6 if ":" in report.address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect((report.address, report.port))
-        except TimeoutError:
-            raise _Timeout from None
-        report.connected = True
-        smtp = _Smtp(sock, deadline)
-        phase = "greeting"
-        code, _ = smtp.reply()
-        if code != 220:
-            report.error = f"greeting {code}: not ready"
-            return
-        phase = "EHLO"
-        smtp.send(f"EHLO {EHLO_NAME}\r\n".encode())
-        code, lines = smtp.reply()
-        if code != 250:
-            report.error = f"EHLO refused ({code})"
-            return
-        if not any(line.split(" ", 1)[0].upper() == "STARTTLS" for line in lines[1:]):
-            report.error = "STARTTLS not offered"
-            _quit(smtp)
-            return
-        phase = "STARTTLS"
-        smtp.send(b"STARTTLS\r\n")
-        code, lines = smtp.reply()
-        if code != 220:
-            report.error = f"STARTTLS refused ({code} {' '.join(lines)[:80]})"
-            return
-        report.starttls = True
-        phase = "TLS handshake"
-        version, chain = _handshake(smtp, report.host)
-        report.tls_version = version
-        _judge(report, chain, validator, at)
-    except _Timeout:
-        report.error = f"timed out after {timeout:g} s ({phase})"
-    except SSL.Error as exc:
-        report.error = f"{phase} failed: {_ssl_error(exc)}"
-    except OSError as exc:
-        report.error = f"{phase} failed: {exc.strerror or exc}"
-    except Exception as exc:  # a probe must report, never crash
-        report.error = f"{phase} failed: {type(exc).__name__}: {exc}"
-    finally:
-        sock.close()
-        report.seconds = time.monotonic() - start
-
-
-def _quit(smtp: _Smtp) -> None:
-    with contextlib.suppress(OSError, _Timeout):
-        smtp.send(b"QUIT\r\n")
-
-
-def _ssl_error(exc: SSL.Error) -> str:
-    """OpenSSL's error queue ``[(lib, func, reason), …]`` as text."""
-    items = exc.args[0] if exc.args and isinstance(exc.args[0], list) else [exc]
-    parts = [str(i[-1]) if isinstance(i, tuple) and i else str(i) for i in items]
-    return "; ".join(p for p in parts if p) or type(exc).__name__
-
-
-def _handshake(smtp: _Smtp, server_name: str) -> tuple[str, list[x509.Certificate]]:
-    """TLS client handshake through memory BIOs (so the deadline applies); no verification here."""
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.set_verify(SSL.VERIFY_NONE, lambda *_: True)
-    conn = SSL.Connection(context, None)
-    conn.set_tlsext_host_name(server_name.encode("ascii"))
-    conn.set_connect_state()
-    if smtp.buffer:  # bytes after the 220 reply: a server that talks TLS too early
-        conn.bio_write(smtp.buffer)
-        smtp.buffer = b""
-    while True:
-        try:
-            conn.do_handshake()
-            break
-        except SSL.WantReadError:
-            _flush(conn, smtp)
-            conn.bio_write(smtp.recv())
-    _flush(conn, smtp)
-    chain = conn.get_peer_cert_chain(as_cryptography=True) or []
-    version = conn.get_protocol_version_name()
-    try:  # a polite QUIT inside TLS; the verdict does not depend on it
-        conn.send(b"QUIT\r\n")
-        _flush(conn, smtp)
-    except (SSL.Error, OSError, _Timeout):
-        pass
-    return version, list(chain)
-
-
-def _flush(conn: SSL.Connection, smtp: _Smtp) -> None:
-    while True:
-        try:
-            data = conn.bio_read(65536)
-        except SSL.WantReadError:
-            return
-        if not data:
-            return
-        smtp.send(data)
+    result = starttls_chain(
+        report.address, report.port, report.host, timeout=timeout, ehlo_name=EHLO_NAME
+    )
+    report.connected = result.connected
+    report.starttls = result.starttls
+    report.tls_version = result.tls_version
+    report.error = result.error
+    if not result.error:
+        _judge(report, result.chain, validator, at)
+    report.seconds = time.monotonic() - start
 
 
 def _judge(

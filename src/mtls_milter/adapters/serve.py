@@ -29,7 +29,9 @@ from mtls_milter.config import Config, ConfigError, load_config
 from mtls_milter.core.certs import CertificateInputError
 from mtls_milter.engine import Engine
 
+from .chain_fetch import ChainFetcher
 from .milter import EngineHolder, MtlsMilter
+from .policy_service import PolicyService, PolicyServiceThread, SessionTable
 from .sdnotify import notify
 
 log = logging.getLogger("mtls_milter")
@@ -93,29 +95,49 @@ class Daemon:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._status = 0
+        self._sessions = SessionTable()
+        self._fetcher = ChainFetcher()
+        self._policy: PolicyServiceThread | None = None
 
     @classmethod
     def start(cls, config_path: str | None) -> Daemon:
         """Open the socket, drop privileges, start serving."""
         engine = build_engine(config_path)
         daemon = cls(config_path, engine)
+        daemon._start_policy_service(engine.config)
         daemon._listen(engine.config)
         daemon._install_signals()
         daemon._thread = threading.Thread(target=daemon._serve, name="libmilter", daemon=True)
         daemon._thread.start()
         notify("READY=1")
         log.info(
-            "started: socket=%s config=%s trust=%s",
+            "started: socket=%s policy_service=%s config=%s trust=%s",
             engine.config.milter.socket,
+            engine.config.policy_service.socket or "off",
             engine.config.source,
             "; ".join(engine.trust_sources),
         )
         return daemon
 
+    def _start_policy_service(self, config: Config) -> None:
+        """Serve Postfix's policy delegation (in its own thread) when configured."""
+        spec = config.policy_service.socket
+        if not spec:
+            return
+        service = PolicyService(spec, self._sessions, config.policy_service.socket_mode)
+        thread = PolicyServiceThread(service)
+        try:
+            thread.start()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot listen on [policy_service] socket {spec}: {exc}") from None
+        self._policy = thread
+
     def _listen(self, config: Config) -> None:
         spec = config.milter.socket
         holder, executor = self._holder, self._executor
-        Milter.factory = lambda: MtlsMilter(holder, executor)
+        sessions = self._sessions if config.policy_service.socket else None
+        fetcher = self._fetcher
+        Milter.factory = lambda: MtlsMilter(holder, executor, sessions=sessions, fetcher=fetcher)
         _register_callbacks()
         milter.setconn(spec)
         milter.settimeout(MILTER_TIMEOUT)
@@ -164,6 +186,8 @@ class Daemon:
         old = self._holder.engine.config
         if engine.config.milter.socket != old.milter.socket:
             log.warning("reload: [milter] socket changed; takes effect only after a restart")
+        if engine.config.policy_service != old.policy_service:
+            log.warning("reload: [policy_service] changed; takes effect only after a restart")
         self._holder.engine = engine
         notify("READY=1")
         log.info(
@@ -177,6 +201,9 @@ class Daemon:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._fetcher.shutdown()
+        if self._policy is not None:
+            self._policy.stop()
         log.info("stopped")
         return self._status
 
@@ -232,8 +259,10 @@ def _drop_privileges(config: Config, spec: str) -> None:
         gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
     except KeyError as exc:
         raise StartupError(f"[milter] user/group: {exc.args[0]}") from None
-    if spec.startswith(("unix:", "local:")):
-        os.chown(Path(spec.split(":", 1)[1]), entry.pw_uid, gid)
+    policy = config.policy_service.socket
+    for path in (spec, policy):
+        if path.startswith(("unix:", "local:")):
+            os.chown(Path(path.split(":", 1)[1]), entry.pw_uid, gid)
     os.setgroups([gid])
     os.setgid(gid)
     os.setuid(entry.pw_uid)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import binascii
 import bisect
+import functools
 import ipaddress
 import re
 import ssl
@@ -350,7 +351,15 @@ def name_matches(cert_name: str, host: str, *, allow_wildcards: bool = False) ->
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
     """SHA-256 of the DER, upper-case colon hex (Postfix ccert_fingerprint, Sendmail {cert_fp})."""
-    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    return _sha256(cert).hex(":").upper()
+
+
+# A memo of a pure function (the one process-wide cache in the code base; it cannot change
+# any result): the same certificate objects (cached fetched chains) are fingerprinted several
+# times per message, and hashing the DER costs five times a lookup.
+@functools.lru_cache(maxsize=1024)
+def _sha256(cert: x509.Certificate) -> bytes:
+    return cert.fingerprint(hashes.SHA256())
 
 
 _FP_PLAIN = re.compile(r"[0-9A-Fa-f]{64}")
@@ -576,7 +585,7 @@ class ChainValidator:
             if not chain:
                 return ChainVerdict(False, "no certificate presented", (), "")
             at = _utc(at)
-            key = tuple(dict.fromkeys(c.fingerprint(hashes.SHA256()) for c in chain))
+            key = tuple(dict.fromkeys(_sha256(c) for c in chain))
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is not None and entry.valid_from <= at < entry.valid_until:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from mtls_milter.core.certs import fingerprint_sha256, normalize_fingerprint
 
@@ -71,12 +72,45 @@ def mta_evidence(cn: str) -> Evidence:
 
 
 def with_chain(evidence: Evidence, chain: tuple[x509.Certificate, ...]) -> Evidence:
-    """Attach a chain, but only if its leaf is the certificate of this session."""
-    if not chain or not evidence.session.fingerprint:
-        return evidence
-    if fingerprint_sha256(chain[0]) != evidence.session.fingerprint:
-        return evidence
-    return replace(evidence, chain=chain)
+    """Attach a chain, but only if its leaf is the certificate of this session.
+
+    The binding is the SHA-256 fingerprint; the MD5 one is used only when the MTA reported
+    nothing else (Sendmail without ``confCERT_FINGERPRINT_ALGORITHM``).
+    """
+    if chain and chain_binding(evidence.session, chain[0]):
+        return replace(evidence, chain=chain)
+    return evidence
+
+
+def chain_binding(session: TlsSession, leaf: x509.Certificate) -> str:
+    """``"sha256"`` or ``"md5"`` when ``leaf`` is this session's certificate, else ``""``."""
+    if session.fingerprint:
+        return "sha256" if fingerprint_sha256(leaf) == session.fingerprint else ""
+    if session.fingerprint_md5:
+        md5 = leaf.fingerprint(hashes.MD5()).hex(":").upper()  # Sendmail's binding, MD5 by design
+        return "md5" if md5 == session.fingerprint_md5 else ""
+    return ""
+
+
+def with_fingerprint(session: TlsSession, fingerprint: str) -> TlsSession:
+    """The session with a leaf fingerprint learnt elsewhere (Postfix's policy delegation).
+
+    ``fingerprint`` may be SHA-256 or MD5 (Postfix's ``smtpd_tls_fingerprint_digest``), any
+    case, with or without colons; anything else leaves the session unchanged. A fingerprint
+    proves a certificate was presented, whether the MTA trusted it or not.
+    """
+    if not session.tls or session.certificate is CertPresence.ABSENT:
+        return session
+    sha256 = normalize_fingerprint(fingerprint[:_MAX_MACRO_LENGTH])
+    md5 = "" if sha256 else normalize_md5(fingerprint[:_MAX_MACRO_LENGTH])
+    if not sha256 and not md5:
+        return session
+    return replace(
+        session,
+        certificate=CertPresence.PRESENTED,
+        fingerprint=session.fingerprint or (sha256 or ""),
+        fingerprint_md5=session.fingerprint_md5 or md5,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +197,7 @@ def _sendmail_fingerprints(macros: Macros) -> tuple[str, str, tuple[str, ...]]:
     md5 = ""
     raw_md5 = _macro(macros, "{cert_md5}")
     if raw_md5:
-        md5 = _normalize_md5(raw_md5)
+        md5 = normalize_md5(raw_md5)
         if not md5:
             notes += (f"unusable {{cert_md5}} {raw_md5[:100]!r}",)
     return fingerprint, md5, notes
@@ -195,7 +229,8 @@ def _clean_cn(cn: str) -> str:
     return cn.lower().rstrip(".")
 
 
-def _normalize_md5(text: str) -> str:
+def normalize_md5(text: str) -> str:
+    """An MD5 fingerprint (colons optional) in canonical colon hex, else ""."""
     digits = text.replace(":", "").strip().upper()
     if len(digits) != 32 or any(c not in "0123456789ABCDEF" for c in digits):
         return ""

@@ -993,14 +993,17 @@ def send_message(
     ehlo_after_starttls: bool = True,
     host: str = "127.0.0.1",
     timeout: float = 30.0,
+    source_address: str | None = None,
 ) -> SmtpOutcome:
     """Send one message over SMTP and report each reply; never raises on 4xx/5xx replies.
 
     ``client_chain`` (leaf first, then intermediates) wins over ``client_cert``; the whole file is
     sent. The server certificate is not verified. Raises :class:`MtaError` when ``starttls`` is
-    requested but the server does not offer it.
+    requested but the server does not offer it. ``source_address`` binds the client socket (e.g.
+    ``127.0.0.5``, so the MTA sees the client at that address).
     """
-    smtp = smtplib.SMTP(timeout=timeout, local_hostname=helo)
+    source = (source_address, 0) if source_address else None
+    smtp = smtplib.SMTP(timeout=timeout, local_hostname=helo, source_address=source)
     steps: dict[str, SmtpReply | str | None] = {}
 
     def outcome() -> SmtpOutcome:

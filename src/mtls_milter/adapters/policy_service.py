@@ -1,0 +1,315 @@
+"""Postfix policy delegation (``check_policy_service``) next to the milter, in the same daemon.
+
+Postfix before 3.12 tells a milter nothing about a client certificate it did not trust, but its
+policy-delegation protocol sends the leaf's fingerprint for every presented certificate
+(FIELD-NOTES §1). This service records, per ``(client_address, client_port)``, the
+``ccert_fingerprint``, ``ccert_pubkey_fingerprint`` and TLS facts of each request in a
+:class:`SessionTable`; the milter looks its own ``{client_addr}``/``{client_port}`` up there at
+end of message. The service never decides anything: every request is answered
+``action=DUNNO``, including malformed, oversized and unexpected ones.
+
+Protocol (Postfix SMTPD_POLICY_README): ``name=value`` lines, an empty line ends a request, the
+reply is ``action=...`` and an empty line; one connection carries many requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mtls_milter.core.evidence import xtext_decode
+
+from .policy_map import parse_listen_spec
+
+__all__ = [
+    "DUNNO",
+    "PolicyFacts",
+    "PolicyService",
+    "PolicyServiceThread",
+    "SessionTable",
+    "facts_from_request",
+    "parse_request",
+]
+
+log = logging.getLogger("mtls_milter.policy_service")
+
+DUNNO = b"action=DUNNO\n\n"
+MAX_LINE = 2048  # bytes of one name=value line (Postfix's longest values are well below)
+MAX_ATTRIBUTES = 100  # lines of one request (Postfix 3.7 sends about 35)
+IDLE_TIMEOUT = 600.0  # seconds without a request before a connection is closed
+MAX_CONNECTIONS = 512
+TABLE_SIZE = 50_000  # sessions remembered; the oldest go first
+TABLE_TTL = 3600.0  # seconds a session's facts stay usable
+MAX_VALUE = 512  # characters kept of a recorded value
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFacts:
+    """What one policy request said about the TLS side of an SMTP session."""
+
+    fingerprint: str = ""  # ccert_fingerprint as sent (SHA-256 or MD5, colon hex); "" none
+    pubkey_fingerprint: str = ""
+    protocol: str = ""  # encryption_protocol, e.g. "TLSv1.3"; "" without TLS
+    subject: str = ""  # ccert_subject (CN, xtext-decoded), trusted certificates only
+    issuer: str = ""
+    helo: str = ""
+    recorded: float = 0.0  # monotonic time
+
+
+class SessionTable:
+    """Bounded, expiring, thread-safe map ``(client_address, client_port)`` → facts."""
+
+    def __init__(
+        self,
+        size: int = TABLE_SIZE,
+        ttl: float = TABLE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._size = max(1, size)
+        self._ttl = ttl
+        self._clock = clock  # injectable for tests
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[str, str], PolicyFacts] = OrderedDict()
+
+    def record(self, address: str, port: str, facts: PolicyFacts) -> None:
+        """Remember ``facts`` for the session; a later request for it replaces them."""
+        key = (_norm_address(address), port.strip())
+        stamped = replace(facts, recorded=self._clock())
+        with self._lock:
+            self._items[key] = stamped
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def get(self, address: str, port: str) -> PolicyFacts | None:
+        """The facts recorded for the session, unless missing or expired."""
+        key = (_norm_address(address), port.strip())
+        with self._lock:
+            facts = self._items.get(key)
+            if facts is None:
+                return None
+            if self._clock() - facts.recorded > self._ttl:
+                del self._items[key]
+                return None
+            return facts
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+def _norm_address(address: str) -> str:
+    """``IPv6:2001:db8::1`` (Sendmail style) and ``[::1]`` → the bare address, lower case."""
+    text = address.strip().strip("[]")
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    return text.lower()
+
+
+def parse_request(lines: list[bytes]) -> dict[str, str]:
+    """``name=value`` lines → a mapping; lines without ``=`` are ignored; first value wins."""
+    attributes: dict[str, str] = {}
+    for raw in lines:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        name, sep, value = text.partition("=")
+        if sep and name and name not in attributes:
+            attributes[name] = value
+    return attributes
+
+
+def facts_from_request(attributes: dict[str, str]) -> tuple[str, str, PolicyFacts] | None:
+    """(address, port, facts) from one request, or None when it names no client session."""
+    address = attributes.get("client_address", "").strip()
+    port = attributes.get("client_port", "").strip()
+    if not address or not port.isdigit() or len(address) > 100:
+        return None
+    facts = PolicyFacts(
+        fingerprint=attributes.get("ccert_fingerprint", "").strip()[:MAX_VALUE],
+        pubkey_fingerprint=attributes.get("ccert_pubkey_fingerprint", "").strip()[:MAX_VALUE],
+        protocol=attributes.get("encryption_protocol", "").strip()[:MAX_VALUE],
+        subject=xtext_decode(attributes.get("ccert_subject", ""))[:MAX_VALUE],
+        issuer=xtext_decode(attributes.get("ccert_issuer", ""))[:MAX_VALUE],
+        helo=attributes.get("helo_name", "").strip()[:MAX_VALUE],
+    )
+    return address, port, facts
+
+
+class PolicyService:
+    """The asyncio side: accept Postfix's connections, record facts, answer DUNNO."""
+
+    def __init__(self, spec: str, table: SessionTable, socket_mode: str = "0660") -> None:
+        self.spec = spec
+        self.table = table
+        self.socket_mode = socket_mode
+        self._connections: set[asyncio.Task[None]] = set()
+        self.requests = 0  # answered so far (for tests and logs)
+        self.port = 0  # the bound TCP port (useful with inet:0@HOST in tests)
+
+    async def listen(self) -> asyncio.Server:
+        """Open the socket; OSError/ValueError when impossible."""
+        kind, where, host = parse_listen_spec(self.spec)
+        if kind == "unix":
+            path = Path(str(where))
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_socket():
+                    path.unlink()  # a stale socket from an earlier run
+            server = await asyncio.start_unix_server(
+                self._on_connect, path=str(path), limit=MAX_LINE + 2
+            )
+            os.chmod(path, int(self.socket_mode, 8))
+            return server
+        server = await asyncio.start_server(
+            self._on_connect, host=host, port=int(where), reuse_address=True, limit=MAX_LINE + 2
+        )
+        self.port = int(server.sockets[0].getsockname()[1])
+        return server
+
+    async def close(self) -> None:
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("too many policy connections (%d): closing a new one", MAX_CONNECTIONS)
+            writer.close()
+            return
+        if task is not None:
+            self._connections.add(task)
+        try:
+            await self.serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # one bad connection must never take the service down
+            log.exception("policy connection failed")
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer requests until the client closes, idles out or breaks the framing."""
+        lines: list[bytes] = []
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
+            except TimeoutError:
+                return
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial or lines:
+                    log.info("policy client closed in the middle of a request (ignored)")
+                return
+            except asyncio.LimitOverrunError:
+                # A line longer than any Postfix sends: the stream is not Postfix's protocol.
+                log.warning("policy request line over %d bytes: answering DUNNO, closing", MAX_LINE)
+                await self._reply(writer)
+                return
+            line = line.rstrip(b"\n").rstrip(b"\r")
+            if line:
+                lines.append(line)
+                if len(lines) > MAX_ATTRIBUTES:
+                    log.warning(
+                        "policy request over %d attributes: answering DUNNO, closing",
+                        MAX_ATTRIBUTES,
+                    )
+                    await self._reply(writer)
+                    return
+                continue
+            if not lines:  # an empty line with no request: nothing to answer
+                continue
+            self.handle(lines)
+            lines = []
+            if not await self._reply(writer):
+                return
+
+    def handle(self, lines: list[bytes]) -> None:
+        """Record the facts of one complete request; never raises."""
+        try:
+            found = facts_from_request(parse_request(lines))
+        except Exception:
+            log.exception("policy request not understood (ignored)")
+            return
+        if found is None:
+            log.info("policy request without client_address/client_port (ignored)")
+            return
+        address, port, facts = found
+        self.table.record(address, port, facts)
+        log.debug(
+            "policy: client=%s port=%s fingerprint=%s protocol=%s",
+            address,
+            port,
+            facts.fingerprint or "-",
+            facts.protocol or "-",
+        )
+
+    async def _reply(self, writer: asyncio.StreamWriter) -> bool:
+        self.requests += 1
+        try:
+            writer.write(DUNNO)
+            await writer.drain()
+        except OSError as exc:
+            log.info("policy client went away: %s", exc)
+            return False
+        return True
+
+
+class PolicyServiceThread:
+    """Run a :class:`PolicyService` in its own thread with its own event loop."""
+
+    def __init__(self, service: PolicyService) -> None:
+        self.service = service
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="policy-service", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start and wait until the socket is open; OSError/ValueError when it cannot be."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise OSError(f"policy service did not start within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:
+            if not self._ready.is_set():
+                self._error = exc
+                self._ready.set()
+            else:
+                log.exception("policy service stopped with an error")
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await self.service.listen()
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            await self.service.close()
