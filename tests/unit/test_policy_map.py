@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mtls_milter.adapters.netstring import NetstringReader, encode
-from mtls_milter.adapters.policy_map import parse_listen_spec
+from mtls_milter.adapters.stream_service import parse_listen_spec
 from mtls_milter.config import ConfigError, PolicyMapConfig, config_from_mapping
 from mtls_milter.core.dns import DnsResolver
 from mtls_milter.testing.dnsserver import TestDnsServer

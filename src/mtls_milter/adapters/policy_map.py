@@ -17,12 +17,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from mtls_milter.config import Config, ConfigError, PolicyMapConfig, load_config
@@ -31,6 +29,7 @@ from mtls_milter.core.outbound import PolicyKind, tls_policy
 
 from .netstring import NetstringError, NetstringReader, encode
 from .sdnotify import notify
+from .stream_service import StreamService
 
 log = logging.getLogger("mtls_milter.policy_map")
 
@@ -106,22 +105,7 @@ async def _main(config: Config, resolver: MxResolver) -> None:
         log.info("stopped")
 
 
-def parse_listen_spec(spec: str) -> tuple[str, str | int, str]:
-    """``unix:/path`` → ("unix", path, ""); ``inet:PORT@HOST``/``inet6:…`` → ("inet", port, host).
-
-    Port 0 (an ephemeral port, for tests) is allowed here; the configuration never accepts it.
-    """
-    kind, _, rest = spec.partition(":")
-    if kind in ("unix", "local") and rest.startswith("/"):
-        return "unix", rest, ""
-    if kind in ("inet", "inet6"):
-        port, _, host = rest.partition("@")
-        if port.isdigit() and int(port) < 65536 and host:
-            return "inet", int(port), host.strip("[]")
-    raise ValueError(f"bad socket {spec!r}: expected unix:/path or inet:PORT@HOST")
-
-
-class PolicyMapService:
+class PolicyMapService(StreamService):
     """The socketmap protocol on top of :func:`tls_policy`; one instance serves all clients."""
 
     def __init__(
@@ -132,56 +116,23 @@ class PolicyMapService:
         budget: float = 5.0,
         workers: int = WORKER_THREADS,
     ) -> None:
+        super().__init__(config.socket, socket_mode=UNIX_SOCKET_MODE, log=log)
         self.config = config
         self.resolver = resolver  # shared by all connections: its cache is the only cache
         self.budget = budget
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="policy-map")
-        self._connections: set[asyncio.Task[None]] = set()
 
     async def listen(self) -> asyncio.Server:
         """Open the configured socket; StartupError when that is impossible."""
-        spec = self.config.socket
         try:
-            kind, where, host = parse_listen_spec(spec)
-            if kind == "unix":
-                path = Path(str(where))
-                with contextlib.suppress(FileNotFoundError):
-                    if path.is_socket():
-                        path.unlink()  # a stale socket from an earlier run
-                server = await asyncio.start_unix_server(self._on_connect, path=str(path))
-                os.chmod(path, UNIX_SOCKET_MODE)
-            else:
-                server = await asyncio.start_server(
-                    self._on_connect, host=host, port=int(where), reuse_address=True
-                )
+            return await super().listen()
         except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot listen on {spec}: {exc}") from None
-        return server
+            raise StartupError(f"cannot listen on {self.spec}: {exc}") from None
 
     async def close(self) -> None:
         """Cancel open connections and stop the worker threads."""
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.close_connections()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            await self.serve_connection(reader, writer)
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # one bad connection must never take the service down
-            log.exception("connection failed")
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -17,17 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from mtls_milter.core.evidence import xtext_decode
 
-from .policy_map import parse_listen_spec
+from .stream_service import StreamService
 
 __all__ = [
     "DUNNO",
@@ -142,62 +140,22 @@ def facts_from_request(attributes: dict[str, str]) -> tuple[str, str, PolicyFact
     return address, port, facts
 
 
-class PolicyService:
+class PolicyService(StreamService):
     """The asyncio side: accept Postfix's connections, record facts, answer DUNNO."""
 
     def __init__(self, spec: str, table: SessionTable, socket_mode: str = "0660") -> None:
-        self.spec = spec
-        self.table = table
-        self.socket_mode = socket_mode
-        self._connections: set[asyncio.Task[None]] = set()
-        self.requests = 0  # answered so far (for tests and logs)
-        self.port = 0  # the bound TCP port (useful with inet:0@HOST in tests)
-
-    async def listen(self) -> asyncio.Server:
-        """Open the socket; OSError/ValueError when impossible."""
-        kind, where, host = parse_listen_spec(self.spec)
-        if kind == "unix":
-            path = Path(str(where))
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()  # a stale socket from an earlier run
-            server = await asyncio.start_unix_server(
-                self._on_connect, path=str(path), limit=MAX_LINE + 2
-            )
-            os.chmod(path, int(self.socket_mode, 8))
-            return server
-        server = await asyncio.start_server(
-            self._on_connect, host=host, port=int(where), reuse_address=True, limit=MAX_LINE + 2
+        super().__init__(
+            spec,
+            socket_mode=int(socket_mode, 8),
+            log=log,
+            max_connections=MAX_CONNECTIONS,
+            limit=MAX_LINE + 2,
         )
-        self.port = int(server.sockets[0].getsockname()[1])
-        return server
+        self.table = table
+        self.requests = 0  # answered so far (for tests and logs)
 
     async def close(self) -> None:
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("too many policy connections (%d): closing a new one", MAX_CONNECTIONS)
-            writer.close()
-            return
-        if task is not None:
-            self._connections.add(task)
-        try:
-            await self.serve_connection(reader, writer)
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # one bad connection must never take the service down
-            log.exception("policy connection failed")
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        await self.close_connections()
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
