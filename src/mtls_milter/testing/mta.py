@@ -336,7 +336,9 @@ class _Harness:
 # --------------------------------------------------------------------------------------------
 # Postfix
 
-_POSTFIX_MASTER_CF = """\
+# {listen}: the smtpd address; {smtp_chroot}: "y" runs the SMTP client chrooted in the queue
+# directory (postfix_sender.py gives it a private etc/resolv.conf there), "n" otherwise.
+POSTFIX_MASTER_CF = """\
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 {listen} inet  n       -       n       -       -       smtpd
 pickup    unix  n       -       n       60      1       pickup
@@ -350,8 +352,8 @@ trace     unix  -       -       n       -       0       bounce
 verify    unix  -       -       n       -       1       verify
 flush     unix  n       -       n       1000?   0       flush
 proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
+smtp      unix  -       -       {smtp_chroot}       -       -       smtp
+relay     unix  -       -       {smtp_chroot}       -       -       smtp
 showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
@@ -473,7 +475,7 @@ class PostfixHarness(_Harness):
         lines = [f"{k} = {v}" for k, v in self.main_cf().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
         (self.config_dir / "master.cf").write_text(
-            _POSTFIX_MASTER_CF.format(listen=f"127.0.0.1:{self.port}")
+            POSTFIX_MASTER_CF.format(listen=f"127.0.0.1:{self.port}", smtp_chroot="n")
         )
         shutil.chown(self.data_dir, "postfix", "postfix")
         # Postfix re-reads a config file whose mtime is too recent (an editor may still be

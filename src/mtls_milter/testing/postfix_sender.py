@@ -34,34 +34,16 @@ from typing import Self
 import dns.message
 
 from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.mta import POSTFIX_BIN, MtaError, free_port, missing_mta, wait_for_port
+from mtls_milter.testing.mta import (
+    POSTFIX_BIN,
+    POSTFIX_MASTER_CF,
+    MtaError,
+    free_port,
+    missing_mta,
+    wait_for_port,
+)
 
 __all__ = ["LoopbackDnsServer", "PostfixSender", "missing_sender_support"]
-
-_MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command + args
-127.0.0.1:{inject} inet n  -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       y       -       -       smtp
-relay     unix  -       -       y       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
 
 
 def missing_sender_support() -> str | None:
@@ -196,7 +178,9 @@ class PostfixSender:
         shutil.copyfile(self.ca_path, self.config_dir / "ca.pem")
         lines = [f"{k} = {v}" for k, v in self.main_cf().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
-        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(inject=self.inject_port))
+        (self.config_dir / "master.cf").write_text(
+            POSTFIX_MASTER_CF.format(listen=f"127.0.0.1:{self.inject_port}", smtp_chroot="y")
+        )
         # The chroot's /etc: only what the SMTP client's resolver needs, pointing at our DNS.
         etc = self.queue_dir / "etc"
         etc.mkdir(exist_ok=True)
