@@ -28,6 +28,8 @@ from mtls_milter.adapters.check import InputError
 from mtls_milter.config import parse_nameserver
 from mtls_milter.core.dns import DnsResolver
 
+from .logsetup import add_log_level_option, configure_logging
+
 EXIT_VALID = 0
 EXIT_INVALID = 1
 EXIT_DNS_ERROR = 3
@@ -115,9 +117,7 @@ def _add_respond(sub: Any) -> None:
         metavar="HOST:PORT",
         help="address to listen on (repeatable; default 0.0.0.0:80 and [::]:80)",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
-    )
+    add_log_level_option(parser)
     parser.set_defaults(handler=run_respond)
 
 
@@ -212,11 +212,7 @@ def run_respond(args: argparse.Namespace) -> int:
         optional = [] if listen else [parse_listen(text) for text in DEFAULT_LISTEN]
     except ValueError as exc:
         raise InputError(f"--listen: {exc}") from None
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     responder = Responder(directory, listen, optional=optional)
     try:
         asyncio.run(run_until_signal(responder))

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +26,7 @@ from mtls_milter.config import Config, ConfigError, PolicyMapConfig, load_config
 from mtls_milter.core.dns import DnsResolver, MxResolver
 from mtls_milter.core.outbound import PolicyKind, tls_policy
 
+from .logsetup import add_log_level_option, configure_logging
 from .netstring import NetstringError, NetstringReader, encode
 from .sdnotify import notify
 from .stream_service import StreamService
@@ -54,19 +54,13 @@ def add_parser(commands: Any) -> None:
         "Listens on [policy_map] socket (default inet:8899@127.0.0.1). SIGTERM stops.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
-    )
+    add_log_level_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the configuration and serve until SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         config = load_config(args.config)
         resolver = DnsResolver.from_config(config.dns)

@@ -15,7 +15,6 @@ import os
 import pwd
 import signal
 import socket
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +29,7 @@ from mtls_milter.core.certs import CertificateInputError
 from mtls_milter.engine import Engine
 
 from .chain_fetch import ChainFetcher
+from .logsetup import add_log_level_option, configure_logging
 from .milter import EngineHolder, MtlsMilter
 from .policy_service import PolicyService, PolicyServiceThread, SessionTable
 from .sdnotify import notify
@@ -54,19 +54,13 @@ def add_parser(commands: Any) -> None:
         "built-in defaults. SIGHUP reloads the configuration and trust store; SIGTERM stops.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
-    )
+    add_log_level_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Start the daemon and block until SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         daemon = Daemon.start(args.config)
     except StartupError as exc:
