@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -364,6 +364,25 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+def run_postfix(
+    config_dir: Path, *args: str, check: bool, log_text: Callable[[], str]
+) -> subprocess.CompletedProcess[str]:
+    """Run ``postfix -c CONFIG_DIR ARGS``; MtaError with output and log tail on failure."""
+    proc = subprocess.run(
+        [str(POSTFIX_BIN), "-c", str(config_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MAIL_CONFIG": str(config_dir)},
+    )
+    if check and proc.returncode != 0:
+        raise MtaError(
+            f"postfix {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            f"\n--- log ---\n{log_text()[-4000:]}"
+        )
+    return proc
+
+
 class PostfixHarness(_Harness):
     """An isolated Postfix instance (``postfix -c workdir/postfix/etc``) on ``127.0.0.1:port``.
 
@@ -485,19 +504,7 @@ class PostfixHarness(_Harness):
             os.utime(self.config_dir / name, (past, past))
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(POSTFIX_BIN), "-c", str(self.config_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "MAIL_CONFIG": str(self.config_dir)},
-        )
-        if check and proc.returncode != 0:
-            raise MtaError(
-                f"postfix {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
-                f"\n--- log ---\n{self.log_text()[-4000:]}"
-            )
-        return proc
+        return run_postfix(self.config_dir, *args, check=check, log_text=self.log_text)
 
     # -- life cycle
 

@@ -35,11 +35,11 @@ import dns.message
 
 from mtls_milter.testing.dnsserver import TestDnsServer
 from mtls_milter.testing.mta import (
-    POSTFIX_BIN,
     POSTFIX_MASTER_CF,
     MtaError,
     free_port,
     missing_mta,
+    run_postfix,
     wait_for_port,
 )
 
@@ -196,19 +196,7 @@ class PostfixSender:
         shutil.chown(self.data_dir, "postfix", "postfix")
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(POSTFIX_BIN), "-c", str(self.config_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "MAIL_CONFIG": str(self.config_dir)},
-        )
-        if check and proc.returncode != 0:
-            raise MtaError(
-                f"postfix {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
-                f"\n--- log ---\n{self.log_text()[-4000:]}"
-            )
-        return proc
+        return run_postfix(self.config_dir, *args, check=check, log_text=self.log_text)
 
     def start(self) -> Self:
         """Write the configuration and start Postfix; MtaError with its log on failure."""
