@@ -98,6 +98,8 @@ class _Transaction:
     chain_deadline: float = 0.0
     chain_detail: str = ""  # for the verdict log line
     session: TlsSession | None = None  # decoded once the policy request can have arrived (DATA)
+    domain: str = ""  # the MAIL FROM domain when usable, parsed once at MAIL FROM
+    macro_session: TlsSession | None = None  # the macros' TLS facts, decoded once at MAIL FROM
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -183,11 +185,14 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         macros = dict(self._conn.helo_macros)
         macros.update({k: v for k, v in self._read_macros(ENVFROM_MACROS).items() if v is not None})
         self._tx = _Transaction(engine, mailfrom or "", time.monotonic(), macros)
+        sender = parse_mail_from(mailfrom or "")
+        self._tx.domain = sender.domain if sender.kind is SenderKind.DOMAIN else ""
+        self._tx.macro_session = session_from_macros(macros)
         if macros.get("{auth_type}"):
             self._tx.skip_reason = "SMTP AUTH session"
             log.info("skip client=%s reason=SMTP AUTH session", self._conn.client_addr)
             return ACCEPT
-        self._tx.prefetch = self._start_prefetch(engine, mailfrom, macros)
+        self._tx.prefetch = self._start_prefetch(engine, self._tx)
         self._start_chain_fetch(self._tx, wait_for_dns=False)  # Sendmail: fingerprint known now
         return CONTINUE
 
@@ -255,31 +260,28 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             macros[name] = value if isinstance(value, str) or value is None else str(value)
         return macros
 
-    def _start_prefetch(
-        self, engine: Engine, mailfrom: str, macros: dict[str, str | None]
-    ) -> Future[HostLookup] | None:
+    def _start_prefetch(self, engine: Engine, tx: _Transaction) -> Future[HostLookup] | None:
         """Look up Client MX at MAIL FROM so end of message rarely waits for DNS.
 
         A cached answer is taken at once; only a miss goes to the worker pool, so the
         common case costs no thread hand-off.
         """
-        sender = parse_mail_from(mailfrom or "")
-        if sender.kind is not SenderKind.DOMAIN or not session_from_macros(macros).tls:
+        if not tx.domain or tx.macro_session is None or not tx.macro_session.tls:
             return None
-        cached = engine.resolver.cached_client_mx(sender.domain)
+        cached = engine.resolver.cached_client_mx(tx.domain)
         if cached is not None:
             done: Future[HostLookup] = Future()
             done.set_result(cached)
             return done
         budget = engine.config.dns.budget
-        return self._executor.submit(engine.resolver.client_mx, sender.domain, budget)
+        return self._executor.submit(engine.resolver.client_mx, tx.domain, budget)
 
     def _verdict(self, tx: _Transaction) -> Verdict:
         """The core's verdict; temperror if anything inside goes wrong."""
         try:
             engine = tx.engine
             if tx.prefetch is not None:
-                domain = parse_mail_from(tx.mail_from).domain
+                domain = tx.domain
                 if not self._prefetch_done(tx, tx.prefetch):
                     budget = engine.config.dns.budget
                     reason = f"Client MX lookup did not finish within the {budget:g} s DNS budget"
@@ -300,7 +302,7 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         """The MTA's TLS facts, plus the fingerprint Postfix's policy request gave for them."""
         if tx.session is not None:
             return tx.session
-        session = session_from_macros(tx.macros)
+        session = tx.macro_session or session_from_macros(tx.macros)
         if self._sessions is None or not session.tls or session.fingerprint:
             return session
         facts = self._sessions.get(self._conn.client_addr, self._conn.client_port)
