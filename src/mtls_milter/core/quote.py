@@ -13,9 +13,12 @@ MAX_QUOTE = 200
 _ELLIPSIS = "..."
 
 
+_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
 def _escape(char: str) -> str:
-    if char == "\\":
-        return "\\\\"
+    if char in _NAMED:
+        return _NAMED[char]
     if " " <= char <= "~":
         return char
     code = ord(char)
