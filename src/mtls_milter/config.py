@@ -45,6 +45,7 @@ class TemperrorAction(StrEnum):
 DEFAULT_MILTER_SOCKET = "inet:8898@127.0.0.1"
 DEFAULT_POLICY_MAP_SOCKET = "inet:8899@127.0.0.1"
 DEFAULT_CLIENT_MX_TYPE = 265
+DEFAULT_MIN_RSA_BITS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class TlsConfig:
     trust: tuple[str, ...] = ("system",)  # "system" or PEM file paths
     eku: EkuPolicy = EkuPolicy.SERVER_OR_CLIENT
     allow_wildcards: bool = False
+    min_rsa_bits: int = DEFAULT_MIN_RSA_BITS  # smallest RSA modulus, leaf and CA keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +312,9 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "trust": _list_of(_trust_source),
         "eku": _enum(EkuPolicy),
         "allow_wildcards": _bool,
+        # Below 2048 the Web PKI verifier refuses CA keys anyway, and RSA-1024 is within reach
+        # of a well-funded attacker; above 16384 nobody issues certificates.
+        "min_rsa_bits": _integer(2048, 16384),
     },
     "policy": {
         "on_fail": _enum(FailAction),

@@ -34,7 +34,7 @@ class Engine:
         return cls(
             config=config,
             resolver=DnsResolver.from_config(config.dns),
-            validator=ChainValidator(anchors, config.tls.eku),
+            validator=ChainValidator(anchors, config.tls.eku, min_rsa_bits=config.tls.min_rsa_bits),
             clock=clock or SystemClock(),
             trust_sources=anchors.sources,
         )

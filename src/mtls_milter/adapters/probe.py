@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     if not trust:
         raise InputError("no trust anchors: --no-system-trust needs at least one --trust PEM")
     try:
-        validator = ChainValidator(load_trust_anchors(trust))
+        anchors = load_trust_anchors(trust)
+        validator = ChainValidator(anchors, min_rsa_bits=config.tls.min_rsa_bits)
     except CertificateInputError as exc:
         raise InputError(f"trust anchors: {exc}") from None
     dns_config = replace(config.dns, nameservers=nameservers)

@@ -1,7 +1,16 @@
 """Certificates: parsing, trust anchors, RFC 5280 chain validation, host names and matching.
 
 Path validation is pyca/cryptography's ``x509.verification`` (RFC 5280 and the Web PKI profile)
-with the product's EKU policy (SPEC §3) layered on top through extension policies:
+with the product's key and EKU policies layered on top (docs/design.md, "Certificates").
+
+Keys: every certificate of the path (leaf, intermediates and the trust anchor) must hold RSA of
+at least ``min_rsa_bits`` bits with an odd exponent of at least 65537, or ECDSA on P-256, P-384
+or P-521; the leaf may also hold Ed25519. Anything else makes the chain invalid with a reason
+naming the key ("leaf key RSA-1024 is below the 2048-bit minimum"). cryptography checks no leaf
+key at all, so the leaf is checked before path building; CA keys are checked in the CA extension
+callback, so the path builder can still choose another issuer with a good key.
+
+EKU, through extension policies:
 
 * ``server-or-client`` (default): the leaf's EKU must contain serverAuth or clientAuth. Public
   CAs now issue serverAuth-only certificates, which is what mail servers present as clients.
@@ -44,6 +53,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from cryptography.x509.verification import (
@@ -55,7 +65,8 @@ from cryptography.x509.verification import (
     Subject,
 )
 
-from mtls_milter.config import EkuPolicy
+from mtls_milter.config import DEFAULT_MIN_RSA_BITS, EkuPolicy
+from mtls_milter.core.quote import clip
 
 __all__ = [
     "MAX_CHAIN_CERTS",
@@ -65,6 +76,7 @@ __all__ = [
     "TrustAnchors",
     "certificate_names",
     "fingerprint_sha256",
+    "key_problem",
     "load_trust_anchors",
     "name_matches",
     "normalize_fingerprint",
@@ -377,6 +389,56 @@ def normalize_fingerprint(text: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Key policy
+
+MIN_RSA_EXPONENT = 65537  # NIST SP 800-89 and the CA/B Forum's advice: e at least 2**16 + 1
+_ALLOWED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})  # P-256, P-384, P-521
+_OTHER_KEYS: tuple[tuple[type, str], ...] = (
+    (ed448.Ed448PublicKey, "Ed448"),
+    (x25519.X25519PublicKey, "X25519"),
+    (x448.X448PublicKey, "X448"),
+)
+
+
+def key_problem(cert: x509.Certificate, role: str, min_rsa_bits: int) -> str:
+    """Why the public key of ``cert`` is not allowed as a ``role`` key, or "" if it is.
+
+    ``role`` is "leaf", "intermediate" or "trust anchor" and starts the message. Allowed: RSA
+    with at least ``min_rsa_bits`` bits (a multiple of 8) and an odd exponent of at least 65537,
+    ECDSA on P-256, P-384 or P-521, and Ed25519 for a leaf (cryptography's Web PKI verifier
+    refuses Ed25519 CA keys). Never raises.
+    """
+    try:
+        key = cert.public_key()
+    except Exception as exc:  # an algorithm cryptography does not know (GOST...), an even e
+        try:
+            oid = cert.public_key_algorithm_oid.dotted_string
+        except Exception:
+            oid = "unknown"
+        return f"{role} key (algorithm {clip(oid, 80)}) cannot be used: {clip(_short(exc), 80)}"
+    if isinstance(key, rsa.RSAPublicKey):
+        label = f"RSA-{key.key_size}"
+        exponent = key.public_numbers().e
+        if key.key_size < min_rsa_bits:
+            return f"{role} key {label} is below the {min_rsa_bits}-bit minimum"
+        if key.key_size % 8:  # CA/B Forum: a whole number of bytes; else a broken generator
+            return f"{role} key {label} is not a whole number of bytes"
+        if exponent < MIN_RSA_EXPONENT:  # (cryptography refuses to load an even exponent)
+            return f"{role} key {label} has public exponent {exponent} (at least 65537 required)"
+        return ""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in _ALLOWED_CURVES:
+            return ""
+        return f"{role} key ECDSA {clip(key.curve.name, 40)} is not allowed"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "" if role == "leaf" else f"{role} key Ed25519 is not allowed for a CA"
+    if isinstance(key, dsa.DSAPublicKey):
+        return f"{role} key DSA-{key.key_size} is not allowed"
+    label = next((name for kind, name in _OTHER_KEYS if isinstance(key, kind)), "")
+    return f"{role} key {label or type(key).__name__} is not allowed"
+
+
+# --------------------------------------------------------------------------------------------
 # Chain validation
 
 
@@ -417,9 +479,22 @@ def _ee_eku_check(wanted: frozenset[ObjectIdentifier]) -> _EECallback:
     return check
 
 
-def _ca_eku_check(purposes: frozenset[ObjectIdentifier]) -> _CACallback:
-    def check(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
-        if eku is not None and _ANY_EKU not in eku and not purposes.intersection(eku):
+def _ca_check(
+    purposes: frozenset[ObjectIdentifier], ca_key_problem: Callable[[x509.Certificate], str]
+) -> _CACallback:
+    """The callback every CA certificate of a candidate path (trust anchor included) passes.
+
+    Raising here makes the path builder try another candidate issuer, so a weak-key or wrong-EKU
+    intermediate does not hide a good one. An empty ``purposes`` means no EKU requirement.
+    """
+
+    def check(_policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+        problem = ca_key_problem(cert)
+        if problem:
+            raise _PolicyError(problem)
+        if not purposes or eku is None or _ANY_EKU in eku:
+            return
+        if not purposes.intersection(eku):
             raise _PolicyError(f"intermediate CA EKU does not allow {_purpose_text(purposes)}")
 
     return check
@@ -494,10 +569,15 @@ def _explain(message: str) -> str:
         return "unknown issuer (no path to a trusted root)"
     if "name constraint" in message:
         return "name constraints violated"
+    # The verifier's own key checks; our CA callback normally names the key first.
+    if "RSA key is too weak" in message:
+        return "a CA key is RSA below 2048 bits"
+    if "Forbidden public key algorithm" in message:  # followed by a dump of the parameters
+        return "a CA key algorithm is not allowed"
     text = message
     for _ in range(3):  # the prefixes nest
         text = _CRYPTOGRAPHY_NOISE.sub("", text)
-    return text.strip() or message
+    return clip(text.strip() or message)
 
 
 def _time_error(certs: Sequence[x509.Certificate], at: datetime) -> str:
@@ -508,6 +588,9 @@ def _time_error(certs: Sequence[x509.Certificate], at: datetime) -> str:
         if at < cert.not_valid_before_utc:
             return f"{who} not yet valid until {_iso(cert.not_valid_before_utc)}"
     return ""
+
+
+_CacheKey = tuple[tuple[str, int], tuple[bytes, ...]]  # (policy, SHA-256 of each certificate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,45 +613,70 @@ class ChainValidator:
         anchors: TrustAnchors,
         eku: EkuPolicy = EkuPolicy.SERVER_OR_CLIENT,
         *,
+        min_rsa_bits: int = DEFAULT_MIN_RSA_BITS,
         cache_size: int = 4096,
     ) -> None:
         self.anchors = anchors
         self.eku = EkuPolicy(eku)
+        self._min_rsa_bits = min_rsa_bits
+        # Part of every cache key: a verdict made under another policy is never reused.
+        self._policy_key = (self.eku.value, min_rsa_bits)
         self._store = Store(list(anchors.certificates))
+        self._anchor_fps = frozenset(_sha256(c) for c in anchors.certificates)
         self._cache_size = max(0, cache_size)
-        self._cache: OrderedDict[tuple[bytes, ...], _CacheEntry] = OrderedDict()
+        self._cache: OrderedDict[_CacheKey, _CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
         self._anchor_transitions = sorted(t for c in anchors.certificates for t in _transitions(c))
+        self._wanted: frozenset[ObjectIdentifier] = {
+            EkuPolicy.ANY: frozenset(),
+            EkuPolicy.CLIENT: frozenset({_CLIENT_AUTH}),
+            EkuPolicy.SERVER_OR_CLIENT: frozenset({_SERVER_AUTH, _CLIENT_AUTH}),
+        }[self.eku]
+        self._policies = self._client_policies()
+        # The Web PKI server profile, with our key policy on the CAs (the default CA policy
+        # checks the same EKU rule: serverAuth or anyExtendedKeyUsage when present).
+        self._server_policies = (
+            ExtensionPolicy.webpki_defaults_ca().may_be_present(
+                x509.ExtendedKeyUsage,
+                Criticality.AGNOSTIC,
+                _ca_check(frozenset({_SERVER_AUTH}), self._ca_key_problem),
+            ),
+            ExtensionPolicy.webpki_defaults_ee(),
+        )
 
-        # Extension policies are immutable: build one pair per set of leaf purposes up front.
-        # A CN-only leaf is allowed (names then come from the CN, see the module docstring).
+    @property
+    def min_rsa_bits(self) -> int:
+        """The smallest RSA key allowed anywhere in a chain (``[tls] min_rsa_bits``)."""
+        return self._min_rsa_bits
+
+    def _ca_key_problem(self, cert: x509.Certificate) -> str:
+        role = "trust anchor" if _sha256(cert) in self._anchor_fps else "intermediate"
+        return key_problem(cert, role, self.min_rsa_bits)
+
+    def _client_policies(
+        self,
+    ) -> dict[frozenset[ObjectIdentifier], tuple[ExtensionPolicy, ExtensionPolicy]]:
+        """(CA policy, EE policy) per set of leaf purposes, built once (they are immutable).
+
+        A CN-only leaf is allowed (names then come from the CN, see the module docstring).
+        """
         ee_base = ExtensionPolicy.webpki_defaults_ee().may_be_present(
             x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
         )
         ca_base = ExtensionPolicy.webpki_defaults_ca()
-        self._wanted: frozenset[ObjectIdentifier]
-        self._policies: dict[frozenset[ObjectIdentifier], tuple[ExtensionPolicy, ExtensionPolicy]]
-        if self.eku is EkuPolicy.ANY:
-            self._wanted = frozenset()
+
+        def ca(purposes: frozenset[ObjectIdentifier]) -> ExtensionPolicy:
+            check = _ca_check(purposes, self._ca_key_problem)
+            return ca_base.may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, check)
+
+        if not self._wanted:
             ee = ee_base.may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
-            ca = ca_base.may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
-            self._policies = {frozenset(): (ca, ee)}
-            return
-        self._wanted = (
-            frozenset({_CLIENT_AUTH})
-            if self.eku is EkuPolicy.CLIENT
-            else frozenset({_SERVER_AUTH, _CLIENT_AUTH})
-        )
+            return {frozenset(): (ca(frozenset()), ee)}
         ee = ee_base.require_present(
             x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_eku_check(self._wanted)
         )
-        self._policies = {
-            purposes: (
-                ca_base.may_be_present(
-                    x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_eku_check(purposes)
-                ),
-                ee,
-            )
+        return {
+            purposes: (ca(purposes), ee)
             for purposes in (
                 frozenset({_SERVER_AUTH}),
                 frozenset({_CLIENT_AUTH}),
@@ -585,7 +693,7 @@ class ChainValidator:
             if not chain:
                 return ChainVerdict(False, "no certificate presented", (), "")
             at = _utc(at)
-            key = tuple(dict.fromkeys(_sha256(c) for c in chain))
+            key = (self._policy_key, tuple(dict.fromkeys(_sha256(c) for c in chain)))
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is not None and entry.valid_from <= at < entry.valid_until:
@@ -640,6 +748,9 @@ class ChainValidator:
         purposes = self._wanted.intersection(leaf_ekus or ())
         if self._wanted and leaf_ekus is None:
             return fail(f"EKU lacks {_purpose_text(self._wanted)} (no EKU extension)")
+        key_error = key_problem(leaf, "leaf", self.min_rsa_bits)
+        if key_error:
+            return fail(key_error)
         ca_policy, ee_policy = self._policies[purposes or self._wanted]
         verifier = (
             PolicyBuilder()
@@ -702,12 +813,21 @@ class ChainValidator:
                     names,
                     fp,
                 )
+            key_error = key_problem(leaf, "leaf", self.min_rsa_bits)
+            if key_error:
+                return ChainVerdict(False, key_error, names, fp)
             subject: Subject
             try:
                 subject = x509.IPAddress(ipaddress.ip_address(server_name))
             except ValueError:
                 subject = x509.DNSName(server_name.rstrip("."))
-            builder = PolicyBuilder().store(self._store).time(_utc(at))
+            ca_policy, ee_policy = self._server_policies
+            builder = (
+                PolicyBuilder()
+                .store(self._store)
+                .time(_utc(at))
+                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+            )
             if max_depth is not None:
                 builder = builder.max_chain_depth(max_depth)
             try:

@@ -1,21 +1,24 @@
 """A generated test PKI: a root, an intermediate and the leaves the tests and benchmarks need.
 
-Keys are EC P-256 (fast to generate); serial numbers and keys are random, everything else is
-fixed, so the PKI is deterministic in structure. The sender domain is ``sender.test`` and its
-Client MX host ``out.sender.test``.
+Keys are EC P-256 (fast to generate) unless a test asks for another shape (:data:`KEY_KINDS`:
+weak RSA, RSA with e = 3, DSA, other curves, EdDSA); serial numbers and keys are random,
+everything else is fixed, so the PKI is deterministic in structure. The sender domain is
+``sender.test`` and its Client MX host ``out.sender.test``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
@@ -35,7 +38,7 @@ class Issued:
 
     name: str
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: CertificateIssuerPrivateKeyTypes
     cert_path: Path  # this certificate alone, PEM
     key_path: Path  # PKCS#8 PEM, unencrypted, mode 0600
     chain_path: Path  # this certificate + its issuing CA(s) below the root; = cert_path for roots
@@ -68,8 +71,14 @@ class TestPki:
         not_after: datetime | None = None,
         is_ca: bool = False,
         name_constraints: Sequence[str] | None = None,
+        key: str | CertificateIssuerPrivateKeyTypes = "p256",
+        self_signed: bool = False,
     ) -> Issued:
-        """Issue a certificate (default issuer: the intermediate; ``eku=None``: no EKU)."""
+        """Issue a certificate (default issuer: the intermediate; ``eku=None``: no EKU).
+
+        ``key`` is one of :data:`KEY_KINDS` or a private key. ``self_signed`` makes a new root
+        (``is_ca`` too), which :attr:`root_path` does not trust.
+        """
         return _issue(
             self.directory,
             self.now,
@@ -77,12 +86,79 @@ class TestPki:
             sans=sans,
             cn=cn,
             eku=eku,
-            issuer=issuer or self.intermediate,
+            issuer=None if self_signed else issuer or self.intermediate,
             not_before=not_before,
             not_after=not_after,
-            is_ca=is_ca,
+            is_ca=is_ca or self_signed,
             name_constraints=name_constraints,
+            key=KEY_KINDS[key]() if isinstance(key, str) else key,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Key shapes, including ones the product must refuse
+
+
+def _is_probable_prime(n: int, rounds: int = 40) -> bool:
+    if n < 4:
+        return n in (2, 3)
+    if n % 2 == 0:
+        return False
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for _ in range(rounds):
+        x = pow(secrets.randbelow(n - 3) + 2, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _rsa_prime(bits: int, exponent: int) -> int:
+    while True:
+        # The two top bits set: the product of two such primes has exactly 2 * bits bits.
+        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
+        if (candidate - 1) % exponent and _is_probable_prime(candidate):
+            return candidate
+
+
+def rsa_key(bits: int, exponent: int = 65537) -> rsa.RSAPrivateKey:
+    """An RSA key of any size and odd exponent, also those cryptography refuses to generate
+    (below 1024 bits, an exponent other than 3 or 65537). Test material only."""
+    if bits >= 1024 and exponent in (3, 65537):
+        return rsa.generate_private_key(exponent, bits)
+    while True:
+        p, q = _rsa_prime(bits - bits // 2, exponent), _rsa_prime(bits // 2, exponent)
+        if p != q and (p * q).bit_length() == bits:
+            break
+    d = pow(exponent, -1, (p - 1) * (q - 1))
+    public = rsa.RSAPublicNumbers(exponent, p * q)
+    private = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public)
+    return private.private_key(unsafe_skip_rsa_key_validation=True)
+
+
+# The key shapes issue() accepts: the allowed ones and one of each kind the product refuses.
+KEY_KINDS: Mapping[str, Callable[[], CertificateIssuerPrivateKeyTypes]] = {
+    "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "p521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    "ed25519": ed25519.Ed25519PrivateKey.generate,
+    "rsa2048": lambda: rsa_key(2048),
+    "rsa3072": lambda: rsa_key(3072),
+    "rsa2048-e3": lambda: rsa_key(2048, 3),
+    "rsa2052": lambda: rsa_key(2052),  # a modulus that is not a whole number of bytes
+    "rsa1024": lambda: rsa_key(1024),
+    "rsa512": lambda: rsa_key(512),
+    "dsa2048": lambda: dsa.generate_private_key(2048),
+    "secp256k1": lambda: ec.generate_private_key(ec.SECP256K1()),
+    "ed448": ed448.Ed448PrivateKey.generate,
+}
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -96,7 +172,7 @@ def write_bundle(path: Path, *issued: Issued | x509.Certificate) -> Path:
     return path
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_key(path: Path, key: CertificateIssuerPrivateKeyTypes) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -123,8 +199,9 @@ def _issue(
     is_ca: bool,
     name_constraints: Sequence[str] | None,
     organization: str | None = None,
+    key: CertificateIssuerPrivateKeyTypes | None = None,
 ) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     attrs = []
     if organization:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
@@ -183,7 +260,9 @@ def _issue(
             ),
             critical=True,
         )
-    cert = builder.sign(signing_key, hashes.SHA256())
+    # EdDSA signs the message itself: no separate hash algorithm.
+    eddsa = isinstance(signing_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+    cert = builder.sign(signing_key, None if eddsa else hashes.SHA256())
 
     cert_path = directory / f"{name}.crt"
     key_path = directory / f"{name}.key"
