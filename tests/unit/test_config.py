@@ -34,6 +34,7 @@ def test_no_file_gives_documented_defaults() -> None:
     assert config.tls.trust == ("system",)
     assert config.tls.eku is EkuPolicy.SERVER_OR_CLIENT
     assert config.tls.allow_wildcards is False
+    assert config.tls.min_rsa_bits == 2048
     assert config.policy.on_fail is FailAction.ANNOTATE
     assert config.policy.on_temperror is TemperrorAction.ANNOTATE
     assert config.policy.internal_networks == ()
@@ -50,6 +51,7 @@ def test_spec_keys_exist() -> None:
         ("tls", "trust"),
         ("tls", "eku"),
         ("tls", "allow_wildcards"),
+        ("tls", "min_rsa_bits"),
         ("policy", "on_fail"),
         ("policy", "on_temperror"),
         ("policy", "server_mx_fallback"),
@@ -73,6 +75,7 @@ client_mx_type = 65280
 trust = ["system", "/etc/ssl/private-ca.pem"]
 eku = "client"
 allow_wildcards = true
+min_rsa_bits = 3072
 [policy]
 on_fail = "reject"
 on_temperror = "tempfail"
@@ -88,6 +91,7 @@ internal_networks = ["10.0.0.0/8", "2001:db8::/32"]
     assert config.dns.client_mx_type == 65280
     assert config.tls.trust == ("system", "/etc/ssl/private-ca.pem")
     assert config.tls.eku is EkuPolicy.CLIENT
+    assert config.tls.min_rsa_bits == 3072
     assert config.policy.on_fail is FailAction.REJECT
     assert config.policy.on_temperror is TemperrorAction.TEMPFAIL
     assert config.policy.internal_networks == (
@@ -112,6 +116,10 @@ internal_networks = ["10.0.0.0/8", "2001:db8::/32"]
         ("[tls]\neku = 'server'\n", "[tls] eku = 'server': expected one of \"server-or-client\""),
         ("[tls]\ntrust = []\n", "[tls] trust is empty"),
         ("[tls]\nallow_wildcards = 'yes'\n", "expected true or false"),
+        ("[tls]\nmin_rsa_bits = 1024\n", "[tls] min_rsa_bits = 1024: expected an integer"),
+        ("[tls]\nmin_rsa_bits = 32768\n", "= 32768: expected an integer from 2048 to 16384"),
+        ("[tls]\nmin_rsa_bits = 3072.0\n", "[tls] min_rsa_bits = 3072.0: expected an integer"),
+        ("[tls]\nmin_rsa_bits = '4096'\n", "[tls] min_rsa_bits = '4096': expected an integer"),
         ("[policy]\non_fail = 'bounce'\n", "[policy] on_fail = 'bounce'"),
         ("[policy]\non_temperror = 'reject'\n", "[policy] on_temperror = 'reject'"),
         ("[policy]\ninternal_networks = ['10.0.0.300/8']\n", "is not a network"),
