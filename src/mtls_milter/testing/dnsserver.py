@@ -2,8 +2,12 @@
 
 It answers authoritatively for whatever was added (AA set), NXDOMAIN or NODATA with an SOA for
 the apex ``test.`` otherwise, and can misbehave per name: SERVFAIL, REFUSED, no answer, a delay,
-or bytes that are not DNS. Records of a type dnspython does not know (Client MX, 265) given as
-``"10 host."`` are encoded in MX wire format and served as generic rdata.
+bytes that are not DNS, or a truncated (TC) UDP answer with the TCP connection then closed.
+``TestDnsServer(tcp=False)`` listens on UDP only, so TCP connections to its port are refused.
+Records of a type dnspython does not know (Client MX, 265) given as ``"10 host."`` are encoded
+in MX wire format and served as generic rdata; :meth:`TestDnsServer.add_raw` serves any bytes.
+CNAMEs are followed inside the zone for up to 8 steps, so two CNAMEs pointing at each other give
+an answer whose chain loops.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class TestDnsServer:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, zone: ZoneData | None = None) -> None:
+    def __init__(self, zone: ZoneData | None = None, *, tcp: bool = True) -> None:
+        self._serve_tcp = tcp
         self._lock = threading.Lock()
         self._records: dict[tuple[str, int], dns.rrset.RRset] = {}
         self._behaviour: dict[str, tuple[str, float]] = {}
@@ -126,6 +131,14 @@ class TestDnsServer:
         """Answer queries for ``name`` with bytes that are not a DNS message."""
         self._set_behaviour(name, "garbage")
 
+    def truncate(self, name: str, *, tcp_answers: bool = True) -> None:
+        """Answer UDP queries for ``name`` with an empty TC answer (the client retries over TCP).
+
+        Over TCP the answer is normal, or with ``tcp_answers=False`` the server closes the
+        connection without answering.
+        """
+        self._set_behaviour(name, "truncate" if tcp_answers else "truncate-hangup")
+
     def _set_behaviour(self, name: str, kind: str, seconds: float = 0.0) -> None:
         with self._lock:
             self._behaviour[_key(_name(name))] = (kind, seconds)
@@ -155,8 +168,12 @@ class TestDnsServer:
             break
         else:
             raise OSError("no free UDP+TCP port pair on 127.0.0.1")
-        tcp.listen(16)
-        self._udp, self._tcp = udp, tcp
+        if self._serve_tcp:
+            tcp.listen(16)
+            self._tcp = tcp
+        else:
+            tcp.close()  # the port was free for TCP: connections to it are refused
+        self._udp = udp
         self.address = udp.getsockname()
         thread = threading.Thread(target=self._serve, name="test-dns", daemon=True)
         self._threads.append(thread)
@@ -189,10 +206,11 @@ class TestDnsServer:
     # -- serving -------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        assert self._udp is not None and self._tcp is not None
+        assert self._udp is not None
         with selectors.DefaultSelector() as selector:
             selector.register(self._udp, selectors.EVENT_READ)
-            selector.register(self._tcp, selectors.EVENT_READ)
+            if self._tcp is not None:
+                selector.register(self._tcp, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in selector.select():
@@ -243,25 +261,34 @@ class TestDnsServer:
                 while len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack("!H", buffer[:2])[0]:
                     size = struct.unpack("!H", buffer[:2])[0]
                     wire, buffer = buffer[2 : 2 + size], buffer[2 + size :]
-                    self._respond(wire, True, lambda data: _tcp_send(conn, data))
+                    if not self._respond(wire, True, lambda data: _tcp_send(conn, data)):
+                        return  # hang up without an answer
 
-    def _respond(self, wire: bytes, tcp: bool, send: Callable[[bytes], None]) -> None:
+    def _respond(self, wire: bytes, tcp: bool, send: Callable[[bytes], None]) -> bool:
+        """Answer one query (or not); False asks the TCP session to hang up."""
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
-            return
+            return True
         if len(query.question) != 1:
-            return
+            return True
         question = query.question[0]
         key = _key(question.name)
         with self._lock:
             self.queries.append((key, int(question.rdtype)))
             kind, seconds = self._behaviour.get(key, ("", 0.0))
         if kind == "drop":
-            return
+            return True
         if kind == "garbage":
             send(GARBAGE)
-            return
+            return True
+        if kind.startswith("truncate"):
+            if tcp and kind == "truncate-hangup":
+                return False
+            if not tcp:
+                send(_truncated(query))
+                return True
+            kind = ""
         if kind == "delay":
             # In its own thread, so that other names keep being answered meanwhile.
             thread = threading.Thread(
@@ -271,8 +298,9 @@ class TestDnsServer:
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(thread)
             thread.start()
-            return
+            return True
         send(self._answer(query, tcp, kind))
+        return True
 
     def _delayed(
         self, query: dns.message.Message, tcp: bool, seconds: float, send: Callable[[bytes], None]
@@ -297,9 +325,7 @@ class TestDnsServer:
         try:
             return response.to_wire(max_size=limit)
         except dns.exception.TooBig:
-            truncated = dns.message.make_response(query)
-            truncated.flags |= dns.flags.AA | dns.flags.TC
-            return truncated.to_wire()
+            return _truncated(query)
 
     def _fill(self, response: dns.message.Message, qname: dns.name.Name, rdtype: int) -> None:
         with self._lock:
@@ -330,6 +356,12 @@ class TestDnsServer:
 def _copy(rrset: dns.rrset.RRset) -> dns.rrset.RRset:
     # Serialized after the lock is released: a concurrent add() must not change it meanwhile.
     return dns.rrset.from_rdata_list(rrset.name, rrset.ttl, list(rrset))
+
+
+def _truncated(query: dns.message.Message) -> bytes:
+    truncated = dns.message.make_response(query)
+    truncated.flags |= dns.flags.AA | dns.flags.TC
+    return truncated.to_wire()
 
 
 def _tcp_send(conn: socket.socket, data: bytes) -> None:
