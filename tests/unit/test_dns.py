@@ -123,13 +123,62 @@ CLIENT_MX_CASES = [
         "rdata-bad-label-type",
         raw=[("sender.test", CMX, b"\x00\x0a\x40abc\x00")],
         status=LookupStatus.PERMFAIL,
-        detail="bad exchange name",
+        detail="Client MX rdata malformed: unknown label type 0x40 at byte 2",
     ),
     Case(
-        "rdata-compression-pointer",
+        "rdata-compression-pointer-forward",
         raw=[("sender.test", CMX, b"\x00\x0a\xc0\x0c")],
         status=LookupStatus.PERMFAIL,
-        detail="bad exchange name",
+        detail="Client MX rdata malformed: compression pointer at byte 2",
+    ),
+    # A backward pointer inside the rdata decodes as a name with a general DNS name decoder:
+    # to the root (a null Client MX) or to a host. RFC 3597 says the name is never compressed.
+    Case(
+        "rdata-compression-pointer-to-root-is-not-null",
+        raw=[("sender.test", CMX, b"\x00\x0a\xc0\x00")],
+        status=LookupStatus.PERMFAIL,
+        detail="compression pointer at byte 2: names in this record are never compressed",
+    ),
+    Case(
+        "rdata-compression-pointer-after-label-is-not-a-host",
+        raw=[("sender.test", CMX, b"\x00\x0a\x03out\xc0\x00")],
+        status=LookupStatus.PERMFAIL,
+        detail="compression pointer at byte 6",
+    ),
+    Case(
+        "rdata-name-without-root-label",
+        raw=[("sender.test", CMX, b"\x00\x0a\x03out")],
+        status=LookupStatus.PERMFAIL,
+        detail="exchange name truncated",
+    ),
+    Case(
+        "rdata-label-past-the-end",
+        raw=[("sender.test", CMX, mx_wire("10 out.sender.test.")[:-3])],
+        status=LookupStatus.PERMFAIL,
+        detail="exchange name truncated: a label runs past the end",
+    ),
+    Case(
+        "rdata-name-longer-than-255-bytes",
+        raw=[("sender.test", CMX, b"\x00\x0a" + (b"\x3f" + b"a" * 63) * 4 + b"\x00")],
+        status=LookupStatus.PERMFAIL,
+        detail="exchange name longer than 255 bytes",
+    ),
+    Case(
+        "rdata-name-of-255-bytes",
+        raw=[
+            (
+                "sender.test",
+                CMX,
+                b"\x00\x0a" + (b"\x3f" + b"a" * 63) * 3 + b"\x3d" + b"b" * 61 + b"\x00",
+            )
+        ],
+        hosts=(".".join(["a" * 63] * 3 + ["b" * 61]),),
+    ),
+    Case(
+        "rdata-binary-label",
+        raw=[("sender.test", CMX, b"\x00\x0a\x03a\xffb\x04test\x00")],
+        status=LookupStatus.PERMFAIL,
+        detail="exchange 'a\\xffb.test' is not a host name",
     ),
     Case(
         "rdata-trailing-garbage",
@@ -142,6 +191,19 @@ CLIENT_MX_CASES = [
         raw=[("sender.test", CMX, b"\x00\x0a\x03a.b\x04test\x00")],
         status=LookupStatus.PERMFAIL,
         detail="not a host name",
+    ),
+    # An exchange is a host name: bytes no host name has make the record unusable, not a host
+    # that no certificate can ever match.
+    Case(
+        "exchange-with-punctuation",
+        raw=[("sender.test", CMX, b"\x00\x0a\x04a!b*\x04test\x00")],
+        status=LookupStatus.PERMFAIL,
+        detail="exchange 'a!b*.test' is not a host name",
+    ),
+    Case(
+        "exchange-with-underscore-is-tolerated",
+        records=[("sender.test", CMX, ("10 Out_1.sender.test.",))],
+        hosts=("out_1.sender.test",),
     ),
     Case(
         "one-good-one-malformed",
@@ -173,6 +235,28 @@ def test_client_mx(case: Case, dns_server: TestDnsServer, dns_resolver: DnsResol
     assert result.null is case.null
     assert not result.implicit
     assert case.detail in result.detail
+
+
+JUNK_RDATA = {
+    # 60 kB of SPF-like text where a name should be: arrives over TCP, must not come back whole.
+    "txt-junk": b"\x00\x0a" + b"v=spf1 include:_spf.example.net ~all " * 1600,
+    # A name of 250 bytes whose labels hold bytes no host name has.
+    "binary-name": b"\x00\x0a" + (b"\x3e" + b"\xff\x01" * 31) * 4 + b"\x00",
+    # Well-formed name, then 60 kB of trailing bytes.
+    "trailing-junk": mx_wire("10 out.sender.test.") + b"\xee" * 60_000,
+}
+
+
+@pytest.mark.parametrize("rdata", JUNK_RDATA.values(), ids=JUNK_RDATA.keys())
+def test_junk_rdata_detail_is_bounded(
+    rdata: bytes, dns_server: TestDnsServer, dns_resolver: DnsResolver
+) -> None:
+    dns_server.add_raw("sender.test", CMX, rdata)
+    result = dns_resolver.client_mx("sender.test", 5.0)
+    assert result.status is LookupStatus.PERMFAIL
+    assert result.detail.startswith("Client MX rdata malformed: ")
+    assert len(result.detail) <= 300, result.detail
+    assert result.detail.isprintable()
 
 
 # --- Client MX: failures and time limits ----------------------------------------------------
@@ -211,7 +295,7 @@ def test_timeout_is_tempfail_within_timeout(
     result = dns_resolver.client_mx("sender.test", 5.0)
     elapsed = time.monotonic() - start
     assert result.status is LookupStatus.TEMPFAIL
-    assert "timed out after 0.5 s" in result.detail
+    assert result.detail == f"no answer within 0.5 s from {dns_server.nameserver}"
     assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
 
 
@@ -224,7 +308,7 @@ def test_budget_smaller_than_timeout_bounds_the_wait(
     result = resolver.client_mx("sender.test", 0.2)
     elapsed = time.monotonic() - start
     assert result.status is LookupStatus.TEMPFAIL
-    assert "timed out after 0.2 s" in result.detail
+    assert result.detail == f"no answer within 0.2 s from {dns_server.nameserver}"
     assert elapsed < 0.2 + SLACK
 
 
@@ -240,14 +324,55 @@ def test_exhausted_budget_does_not_query(
     assert dns_server.queries == []
 
 
-def test_garbage_response_is_tempfail(dns_server: TestDnsServer, dns_resolver: DnsResolver) -> None:
-    # dnspython ignores unparseable UDP datagrams (they could be spoofed) and waits for a real
-    # answer, so a server talking garbage looks like a timeout.
+def test_garbage_response_is_tempfail_at_once(
+    dns_server: TestDnsServer, dns_resolver: DnsResolver
+) -> None:
+    # The UDP socket is connected, so only the server can have sent the bytes: a datagram that
+    # is not DNS ends the query instead of being waited out until the timeout.
     dns_server.garbage("sender.test")
     start = time.monotonic()
     result = dns_resolver.client_mx("sender.test", 5.0)
     assert result.status is LookupStatus.TEMPFAIL
-    assert time.monotonic() - start < TIMEOUT + SLACK
+    assert result.detail == f"malformed answer from {dns_server.nameserver}"
+    assert time.monotonic() - start < TIMEOUT / 2
+
+
+@pytest.mark.parametrize(
+    ("tcp", "tcp_answers", "why"),
+    [(False, True, "connection refused"), (True, False, "connection closed without an answer")],
+    ids=["no-tcp-listener", "tcp-hangup"],
+)
+def test_truncated_then_tcp_failure_says_both(tcp: bool, tcp_answers: bool, why: str) -> None:
+    with TestDnsServer(tcp=tcp) as server:
+        server.add("sender.test", CMX, "10 out.sender.test.")
+        server.truncate("sender.test", tcp_answers=tcp_answers)
+        start = time.monotonic()
+        result = DnsResolver([server.nameserver], timeout=2.0).client_mx("sender.test", 5.0)
+        assert result.status is LookupStatus.TEMPFAIL
+        assert result.detail == (
+            f"answer from {server.nameserver} truncated over UDP and TCP failed: {why}"
+        )
+        assert time.monotonic() - start < 1.0
+        assert server.queries.count(("sender.test", CMX)) == (1 if not tcp else 2)
+
+
+def test_truncated_then_tcp_answer_is_used(
+    dns_server: TestDnsServer, dns_resolver: DnsResolver
+) -> None:
+    dns_server.add("sender.test", CMX, "10 out.sender.test.")
+    dns_server.truncate("sender.test")
+    assert dns_resolver.client_mx("sender.test", 5.0).hosts == ("out.sender.test",)
+
+
+def test_cname_loop_is_named(dns_server: TestDnsServer, dns_resolver: DnsResolver) -> None:
+    dns_server.add("sender.test", "CNAME", "loop1.sender.test.")
+    dns_server.add("loop1.sender.test", "CNAME", "loop2.sender.test.")
+    dns_server.add("loop2.sender.test", "CNAME", "loop1.sender.test.")
+    result = dns_resolver.client_mx("sender.test", 5.0)
+    assert result.status is LookupStatus.TEMPFAIL
+    assert result.detail == (
+        f"CNAME loop at loop1.sender.test in the answer from {dns_server.nameserver}"
+    )
 
 
 def test_delayed_answer_within_timeout_arrives(
@@ -259,13 +384,49 @@ def test_delayed_answer_within_timeout_arrives(
     assert result.hosts == ("out.sender.test",)
 
 
-def test_unreachable_server_is_tempfail() -> None:
-    # Nothing listens on this port: ICMP port unreachable or a timeout, both TEMPFAIL.
+def closed_port() -> str:
+    """``127.0.0.1:PORT`` where nothing listens (a server that was just stopped)."""
     with TestDnsServer() as server:
-        nameserver = server.nameserver
-    result = DnsResolver([nameserver], timeout=0.3).client_mx("sender.test", 5.0)
+        return server.nameserver
+
+
+def test_refused_port_is_noticed_at_once() -> None:
+    # An unconnected UDP socket never sees the ICMP port-unreachable and waits the full
+    # timeout; a connected one fails with ECONNREFUSED as soon as the ICMP error arrives.
+    nameserver = closed_port()
+    start = time.monotonic()
+    result = DnsResolver([nameserver], timeout=3.0).client_mx("sender.test", 5.0)
+    elapsed = time.monotonic() - start
     assert result.status is LookupStatus.TEMPFAIL
-    assert result.detail
+    assert result.detail == f"DNS server {nameserver} refused the connection (port unreachable)"
+    assert elapsed < 1.0, "a refused port must not be waited out until the timeout"
+
+
+def test_refused_port_falls_through_to_the_next_server(dns_server: TestDnsServer) -> None:
+    dns_server.add("sender.test", CMX, "10 out.sender.test.")
+    resolver = DnsResolver([closed_port(), dns_server.nameserver], timeout=3.0)
+    start = time.monotonic()
+    assert resolver.client_mx("sender.test", 5.0).hosts == ("out.sender.test",)
+    assert time.monotonic() - start < 1.0
+    # Both refused: both are named.
+    first, second = closed_port(), closed_port()
+    result = DnsResolver([first, second], timeout=3.0).client_mx("sender.test", 5.0)
+    assert result.detail == (
+        f"DNS server {first} refused the connection (port unreachable); "
+        f"DNS server {second} refused the connection (port unreachable)"
+    )
+
+
+def test_timeout_names_only_the_silent_server(dns_server: TestDnsServer) -> None:
+    # One server refuses, the other never answers: the text says both things.
+    dns_server.drop("sender.test")
+    refused = closed_port()
+    resolver = DnsResolver([refused, dns_server.nameserver], timeout=0.3)
+    result = resolver.client_mx("sender.test", 5.0)
+    assert result.detail == (
+        f"no answer within 0.3 s from {dns_server.nameserver}; "
+        f"DNS server {refused} refused the connection (port unreachable)"
+    )
 
 
 def test_sixty_records_arrive_over_tcp_and_are_permfail(
@@ -377,10 +538,11 @@ SERVER_MX_CASES = [
         records=[("r.test", "MX", ("0 .", "10 mx.r.test."))],
         status=LookupStatus.PERMFAIL,
     ),
+    # Only Client MX is limited to 10 names: RFC 5321 sets no limit on MX.
     Case(
-        "eleven-mx",
-        records=[("r.test", "MX", tuple(f"{i} mx{i}.r.test." for i in range(11)))],
-        status=LookupStatus.PERMFAIL,
+        "fifteen-mx",
+        records=[("r.test", "MX", tuple(f"{i} mx{i}.r.test." for i in range(15)))],
+        hosts=tuple(f"mx{i}.r.test" for i in range(15)),
     ),
 ]
 

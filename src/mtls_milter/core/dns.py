@@ -5,8 +5,11 @@ Every lookup returns a result object and never raises: the milter must turn any 
 :class:`MxResolver`; tests and the core may substitute their own.
 
 Client MX is a new RR type (number configurable, 265 by default) whose rdata is MX wire format.
-It is queried by number and decoded here: registering the type with dnspython would be
-process-global (a second registration raises), so we never do it.
+It is queried by number and decoded by :mod:`mtls_milter.core.mxrdata`: registering the type with
+dnspython would be process-global (a second registration raises), so we never do it. At most
+:data:`MAX_HOSTS` Client MX host names are accepted; the ordinary MX set has no limit (RFC 5321
+sets none). Queries go out over connected UDP sockets (:mod:`mtls_milter.core.dnstransport`), so
+a closed DNS port is noticed at once instead of after the timeout.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 import dns.exception
+import dns.inet
 import dns.message
 import dns.name
 import dns.nameserver
@@ -32,6 +36,13 @@ import dns.resolver
 import dns.rrset
 
 from mtls_milter.config import parse_nameserver
+from mtls_milter.core.dnstransport import (
+    ConnectedDo53Nameserver,
+    describe_errors,
+    describe_timeout,
+)
+from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata, exchange_text
+from mtls_milter.core.quote import clip, quote
 
 if TYPE_CHECKING:
     from mtls_milter.config import DnsConfig
@@ -43,10 +54,11 @@ __all__ = [
     "HostLookup",
     "LookupStatus",
     "MxResolver",
+    "hosts_from_rdatas",
     "query_name",
 ]
 
-MAX_HOSTS = 10
+MAX_HOSTS = 10  # Client MX host names per lookup; more is PERMFAIL (the MX set is unlimited)
 NEGATIVE_TTL_WITHOUT_SOA = 60  # RFC 2308 gives no default; 60 s is what common resolvers use
 _MX = int(dns.rdatatype.MX)
 _A = int(dns.rdatatype.A)
@@ -59,7 +71,7 @@ class LookupStatus(StrEnum):
     OK = "ok"  # hosts found (hosts may be empty only when null=True)
     NOT_FOUND = "not-found"  # NXDOMAIN or NODATA (detail says which)
     TEMPFAIL = "tempfail"  # SERVFAIL, REFUSED, timeout, network error, budget exhausted
-    PERMFAIL = "permfail"  # malformed rdata, more than MAX_HOSTS names, bad/too long name
+    PERMFAIL = "permfail"  # malformed rdata, > MAX_HOSTS Client MX names, bad/too long name
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +123,9 @@ def query_name(domain: str) -> str:
         try:
             name = dns.name.from_unicode(name).to_text(omit_final_dot=True)
         except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
-            raise ValueError(f"{domain!r} is not a valid internationalized domain name") from exc
+            raise ValueError(
+                f"{quote(domain)} is not a valid internationalized domain name"
+            ) from exc
     name = name.lower()
     if len(name) <= 253 and _VALID_NAME.fullmatch(name):
         return name  # the fast path of every warm lookup: one regex, no loop
@@ -121,10 +135,10 @@ def query_name(domain: str) -> str:
         raise ValueError(f"domain name longer than 253 characters ({len(name)})")
     for label in name.split("."):
         if not label:
-            raise ValueError(f"{name!r} has an empty label")
+            raise ValueError(f"{quote(name)} has an empty label")
         if len(label) > 63:
-            raise ValueError(f"{name!r} has a label longer than 63 characters")
-    raise ValueError(f"{name!r} contains characters not allowed in a host name")
+            raise ValueError(f"{quote(name)} has a label longer than 63 characters")
+    raise ValueError(f"{quote(name)} contains characters not allowed in a host name")
 
 
 class _QueryOutcome:
@@ -197,7 +211,7 @@ class DnsResolver:
         servers: list[str | dns.nameserver.Nameserver] = []
         for text in nameservers:
             host, port = parse_nameserver(text)
-            servers.append(dns.nameserver.Do53Nameserver(host, port))
+            servers.append(ConnectedDo53Nameserver(host, port))
         resolver: dns.resolver.Resolver
         if servers:
             resolver = dns.resolver.Resolver(configure=False)
@@ -209,6 +223,14 @@ class DnsResolver:
                 # Missing or empty resolv.conf (containers): a local resolver is the best guess.
                 resolver = dns.resolver.Resolver(configure=False)
                 resolver.nameservers = ["127.0.0.1"]
+            resolver.nameservers = [
+                ConnectedDo53Nameserver(
+                    server, resolver.nameserver_ports.get(server, resolver.port)
+                )
+                if isinstance(server, str) and dns.inet.is_address(server)
+                else server
+                for server in resolver.nameservers
+            ]
         # A SERVFAIL must come back at once as TEMPFAIL, not be retried until the lifetime ends.
         resolver.retry_servfail = False
         resolver.cache = None  # ours caches decoded results; dnspython's would double-cache
@@ -231,7 +253,7 @@ class DnsResolver:
         if budget <= 0:
             return HostLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
         outcome = self._query(name, rdtype, budget)
-        result, ttl = self._hosts_from_outcome(outcome, "Client MX")
+        result, ttl = _hosts_from_outcome(outcome, "Client MX", MAX_HOSTS)
         if ttl is not None:
             self._cache_put(name, rdtype, result, ttl)
         return result
@@ -257,7 +279,7 @@ class DnsResolver:
             if budget <= 0:
                 return HostLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
             outcome = self._query(name, _MX, budget)
-            mx, ttl = self._hosts_from_outcome(outcome, "MX")
+            mx, ttl = _hosts_from_outcome(outcome, "MX", None)
             if ttl is not None:
                 self._cache_put(name, _MX, mx, ttl)
         assert isinstance(mx, HostLookup)
@@ -325,25 +347,6 @@ class DnsResolver:
             return AddressLookup(LookupStatus.OK, addresses)
         return AddressLookup(outcome.status, detail=outcome.detail)
 
-    def _hosts_from_outcome(
-        self, outcome: _QueryOutcome, what: str
-    ) -> tuple[HostLookup, int | None]:
-        """Decode an MX-format answer; also return the cache TTL (None: do not cache)."""
-        if outcome.status is LookupStatus.TEMPFAIL:
-            return HostLookup(LookupStatus.TEMPFAIL, detail=outcome.detail), None
-        if outcome.status is not LookupStatus.OK or outcome.rrset is None:
-            return (
-                HostLookup(outcome.status, detail=f"no {what} record ({outcome.detail})"),
-                outcome.ttl,
-            )
-        try:
-            records = [_decode_mx(rd) for rd in outcome.rrset]
-        except ValueError as exc:
-            return HostLookup(LookupStatus.PERMFAIL, detail=f"{what} rdata malformed: {exc}"), (
-                outcome.ttl
-            )
-        return _hosts_from_records(records, what), outcome.ttl
-
     def _query(self, name: str, rdtype: int, budget: float) -> _QueryOutcome:
         """One resolution through dnspython; every failure becomes a TEMPFAIL outcome."""
         lifetime = min(self._timeout, budget)
@@ -360,26 +363,23 @@ class DnsResolver:
             ttl = min(_negative_ttl(exc.kwargs.get("responses", {}).values()), self._max_cache_ttl)
             return _QueryOutcome(LookupStatus.NOT_FOUND, ttl=ttl, detail="NXDOMAIN")
         except dns.exception.Timeout as exc:
-            servers = _servers_in(exc.kwargs.get("errors") or [])
-            return _QueryOutcome(
-                LookupStatus.TEMPFAIL,
-                detail=f"lookup timed out after {lifetime:.1f} s{servers}",
-            )
+            errors = exc.kwargs.get("errors") or []
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=describe_timeout(lifetime, errors))
         except dns.resolver.NoNameservers as exc:
-            return _QueryOutcome(
-                LookupStatus.TEMPFAIL, detail=_describe_errors(exc.kwargs.get("errors") or [])
-            )
+            errors = exc.kwargs.get("errors") or []
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=describe_errors(errors))
         except dns.resolver.YXDOMAIN:
             return _QueryOutcome(LookupStatus.TEMPFAIL, detail="YXDOMAIN (DNAME substitution)")
         except dns.exception.FormError:
-            return _QueryOutcome(LookupStatus.TEMPFAIL, detail="malformed DNS response")
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail="malformed DNS answer")
         except dns.exception.DNSException as exc:
-            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=f"DNS error: {exc}")
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=f"DNS error: {clip(str(exc))}")
         except OSError as exc:
-            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=f"network error: {exc}")
+            return _QueryOutcome(LookupStatus.TEMPFAIL, detail=f"network error: {clip(str(exc))}")
         except Exception as exc:  # never let DNS trouble escape into the milter
             return _QueryOutcome(
-                LookupStatus.TEMPFAIL, detail=f"unexpected DNS error: {type(exc).__name__}: {exc}"
+                LookupStatus.TEMPFAIL,
+                detail=f"unexpected DNS error: {type(exc).__name__}: {clip(str(exc))}",
             )
         if answer.rrset is None:
             ttl = min(_negative_ttl([answer.response]), self._max_cache_ttl)
@@ -413,34 +413,56 @@ class DnsResolver:
                 self._cache.popitem(last=False)
 
 
-def _decode_mx(rd: dns.rdata.Rdata) -> tuple[int, str]:
-    """(preference, exchange text) of an MX-format record; ValueError says what is wrong."""
+def _hosts_from_outcome(
+    outcome: _QueryOutcome, what: str, limit: int | None
+) -> tuple[HostLookup, int | None]:
+    """Decode an MX-format answer; also return the cache TTL (None: do not cache)."""
+    if outcome.status is LookupStatus.TEMPFAIL:
+        return HostLookup(LookupStatus.TEMPFAIL, detail=outcome.detail), None
+    if outcome.status is not LookupStatus.OK or outcome.rrset is None:
+        return (
+            HostLookup(outcome.status, detail=f"no {what} record ({outcome.detail})"),
+            outcome.ttl,
+        )
+    return hosts_from_rdatas(outcome.rrset, what, limit), outcome.ttl
+
+
+def hosts_from_rdatas(
+    rdatas: Iterable[dns.rdata.Rdata | bytes],
+    what: str = "Client MX",
+    limit: int | None = MAX_HOSTS,
+) -> HostLookup:
+    """The host set of an MX-format RRset (rdata objects or raw rdata bytes); never raises.
+
+    OK with the hosts (or ``null``), or PERMFAIL when a record is malformed, a null record is
+    mixed with others, or there are more than ``limit`` distinct names (None: no limit).
+    """
+    try:
+        records = [_decode_mx(rd) for rd in rdatas]
+    except MxRdataError as exc:
+        return HostLookup(LookupStatus.PERMFAIL, detail=f"{what} rdata malformed: {exc}")
+    if not records:
+        return HostLookup(LookupStatus.NOT_FOUND, detail=f"no {what} record (empty answer)")
+    return _hosts_from_records(records, what, limit)
+
+
+def _decode_mx(rd: dns.rdata.Rdata | bytes) -> tuple[int, str]:
+    """(preference, exchange text) of an MX-format record; MxRdataError says what is wrong."""
+    if isinstance(rd, bytes):
+        return decode_mx_rdata(rd)
     exchange = getattr(rd, "exchange", None)
     preference = getattr(rd, "preference", None)
     if isinstance(exchange, dns.name.Name) and isinstance(preference, int):
-        name = exchange  # the type was registered (or is MX): already decoded
-    else:
-        data = getattr(rd, "data", None)
-        if not isinstance(data, bytes):
-            raise ValueError(f"unexpected record class {type(rd).__name__}")
-        if len(data) < 3:
-            raise ValueError(f"rdata too short ({len(data)} bytes, need at least 3)")
-        preference = int.from_bytes(data[:2], "big")
-        try:
-            name, used = dns.name.from_wire(data, 2)
-        except dns.exception.DNSException as exc:
-            # A compression pointer here is an error too: RFC 3597 forbids it in unknown types.
-            raise ValueError(f"bad exchange name in {data.hex()}: {exc}") from None
-        if 2 + used != len(data):
-            raise ValueError(f"{len(data) - 2 - used} trailing bytes after the exchange name")
-    text = name.to_text(omit_final_dot=True).lower()
-    if text != "." and "\\" in text:
-        # Escapes mean bytes that no host name has (or a dot inside a label): unusable.
-        raise ValueError(f"exchange {text!r} is not a host name")
-    return preference, text
+        # The type is MX (or registered): dnspython decoded it already.
+        labels = exchange.labels[:-1] if exchange.is_absolute() else exchange.labels
+        return preference, exchange_text(labels)
+    data = getattr(rd, "data", None)
+    if not isinstance(data, bytes):
+        raise MxRdataError(f"unexpected record class {type(rd).__name__}")
+    return decode_mx_rdata(data)
 
 
-def _hosts_from_records(records: list[tuple[int, str]], what: str) -> HostLookup:
+def _hosts_from_records(records: list[tuple[int, str]], what: str, limit: int | None) -> HostLookup:
     if any(text == "." for _, text in records):
         if len(records) == 1:
             return HostLookup(LookupStatus.OK, null=True, detail=f"null {what} (RFC 7505)")
@@ -451,10 +473,10 @@ def _hosts_from_records(records: list[tuple[int, str]], what: str) -> HostLookup
     for preference, text in records:
         if text not in best or preference < best[text]:
             best[text] = preference
-    if len(best) > MAX_HOSTS:
+    if limit is not None and len(best) > limit:
         return HostLookup(
             LookupStatus.PERMFAIL,
-            detail=f"{len(best)} {what} host names, more than the limit of {MAX_HOSTS}",
+            detail=f"{len(best)} {what} host names, more than the limit of {limit}",
         )
     hosts = tuple(sorted(best, key=lambda text: (best[text], text)))
     return HostLookup(LookupStatus.OK, hosts)
@@ -470,41 +492,3 @@ def _negative_ttl(responses: Any) -> int:
             if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
                 ttls.append(min(int(rrset.ttl), int(getattr(rrset[0], "minimum", rrset.ttl))))
     return min(ttls) if ttls else NEGATIVE_TTL_WITHOUT_SOA
-
-
-def _server_text(server: str, port: int) -> str:
-    # dnspython names a server "Do53:ADDRESS@PORT"; keep only the address.
-    if server.startswith("Do53:"):
-        server = server[5:].rpartition("@")[0] or server[5:]
-    return f"[{server}]:{port}" if ":" in server else f"{server}:{port}"
-
-
-def _servers_in(errors: list[Any]) -> str:
-    servers = sorted({_server_text(str(err[0]), int(err[2])) for err in errors if len(err) >= 3})
-    return f" ({', '.join(servers)})" if servers else ""
-
-
-def _describe_errors(errors: list[Any]) -> str:
-    """Text for dnspython's per-server error list, e.g. 'SERVFAIL from 127.0.0.1:53'."""
-    parts: list[str] = []
-    for err in errors:
-        try:
-            server, tcp, port, problem = err[0], err[1], err[2], err[3]
-        except (TypeError, IndexError):
-            parts.append(str(err))
-            continue
-        where = _server_text(str(server), int(port))
-        via = " over TCP" if tcp else ""
-        if isinstance(problem, str):
-            text = f"{problem} from {where}{via}"  # an rcode: SERVFAIL, REFUSED, NOTIMP...
-        elif isinstance(problem, dns.exception.FormError | EOFError):
-            text = f"malformed DNS response from {where}{via}"
-        elif isinstance(problem, dns.message.Truncated):
-            text = f"truncated response from {where}{via}"
-        elif isinstance(problem, OSError):
-            text = f"network error talking to {where}{via}: {problem.strerror or problem}"
-        else:
-            text = f"{type(problem).__name__} from {where}{via}: {problem}"
-        if text not in parts:
-            parts.append(text)
-    return "; ".join(parts) if parts else "no name servers available"
