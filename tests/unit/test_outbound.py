@@ -149,3 +149,39 @@ def test_answers_are_cached_by_ttl(
     assert len(dns_server.queries) == 0 and asked == 2
     now[0] += 31  # TTL expired
     assert tls_policy("receiver.test", resolver, clock=lambda: now[0]).reply() == "NOTFOUND "
+
+
+def test_more_than_ten_mx_hosts_are_all_pinned(
+    dns_server: TestDnsServer, dns_resolver: DnsResolver
+) -> None:
+    # RFC 5321 sets no limit on MX hosts; the 10-name limit is for Client MX only.
+    hosts = [f"h{i}.receiver.test" for i in range(1, 16)]
+    opted_in(dns_server, "receiver.test", *(f"{i} {h}." for i, h in enumerate(hosts, 1)))
+    answer = tls_policy("receiver.test", dns_resolver)
+    assert answer.reply() == f"OK secure match={':'.join(hosts)} servername=hostname"
+    assert answer.mx_hosts == tuple(hosts)
+
+
+def test_eleven_client_mx_hosts_still_opt_in(
+    dns_server: TestDnsServer, dns_resolver: DnsResolver
+) -> None:
+    dns_server.add("receiver.test", 265, *(f"{i} out{i}.receiver.test." for i in range(11)))
+    dns_server.add("receiver.test", "MX", "10 mx.receiver.test.")
+    answer = tls_policy("receiver.test", dns_resolver)
+    assert answer.reply() == "OK secure match=mx.receiver.test servername=hostname"
+    assert "11 Client MX host names, more than the limit of 10" in answer.reason
+
+
+def test_reason_quotes_at_most_200_characters_of_dns_data(
+    dns_server: TestDnsServer, dns_resolver: DnsResolver
+) -> None:
+    hosts = [f"{'x' * 60}-{i}.receiver.test" for i in range(30)]
+    opted_in(dns_server, "receiver.test", *(f"10 {h}." for h in hosts))
+    dns_server.add_raw("junk.test", 265, b"\x00\x0a" + b"v=spf1 include:_spf.example.net " * 2000)
+    dns_server.add("junk.test", "MX", "10 mx.junk.test.")
+    many = tls_policy("receiver.test", dns_resolver)
+    assert many.mx_hosts == tuple(sorted(hosts))  # the policy itself pins every host
+    junk = tls_policy("junk.test", dns_resolver)
+    assert junk.reply() == "OK secure match=mx.junk.test servername=hostname"
+    for answer in (many, junk):
+        assert len(answer.reason) <= 300, answer.reason

@@ -130,6 +130,36 @@ def test_bad_requests(service: PolicyMapController, payload: bytes, expected: st
     assert service.query("receiver.test") == [SECURE]
 
 
+def test_every_mx_host_is_pinned(zone: TestDnsServer, service: PolicyMapController) -> None:
+    # RFC 5321 sets no limit on MX hosts; only Client MX is limited to 10 names.
+    hosts = [f"h{i}.many.test" for i in range(1, 16)]
+    zone.add("many.test", 265, "10 out.many.test.")
+    zone.add("many.test", "MX", *(f"{i} {host}." for i, host in enumerate(hosts, 1)))
+    assert service.query("many.test") == [f"OK secure match={':'.join(hosts)} servername=hostname"]
+
+
+def test_log_lines_quote_at_most_200_characters_of_dns_data(
+    zone: TestDnsServer, service: PolicyMapController, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_hosts = [f"{'x' * 50}-{i}.long.test" for i in range(40)]
+    zone.add("long.test", 265, "10 out.long.test.")
+    zone.add("long.test", "MX", *(f"10 {host}." for host in long_hosts))
+    zone.add_raw("junk.test", 265, b"\x00\x0a" + b"v=spf1 include:_spf.example.net ~all " * 1600)
+    zone.add("junk.test", "MX", "10 mx.junk.test.")
+    caplog.set_level(logging.INFO, logger="mtls_milter.policy_map")
+    (reply,) = service.query("long.test")
+    assert reply == f"OK secure match={':'.join(sorted(long_hosts))} servername=hostname"
+    assert service.query("junk.test") == ["OK secure match=mx.junk.test servername=hostname"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mtls_milter.policy_map"]
+    assert len(lines) == 2
+    for line in lines:  # the reply and the MX list quoted, 200 characters each at most
+        assert len(line) <= 600, line
+    assert (
+        "junk.test: 'OK secure match=mx.junk.test servername=hostname' (junk.test opted in"
+        in (lines[1])
+    )
+
+
 def test_report_only(
     zone: TestDnsServer, dns_resolver: DnsResolver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from mtls_milter.config import Config, ConfigError, PolicyMapConfig, load_config
 from mtls_milter.core.dns import DnsResolver, MxResolver
 from mtls_milter.core.outbound import PolicyKind, tls_policy
+from mtls_milter.core.quote import quote
 
 from .logsetup import add_log_level_option, configure_logging
 from .netstring import NetstringError, NetstringReader, encode
@@ -195,29 +196,34 @@ class PolicyMapService(StreamService):
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
-            log.warning("request is not UTF-8: %r", payload[:80])
+            log.warning("request is not UTF-8: %s", quote(payload))
             return "PERM request is not UTF-8"
         name, sep, key = text.partition(" ")
         if not sep or not key.strip():
-            log.warning("malformed request %r: expected 'name key'", text[:80])
+            log.warning("malformed request %s: expected 'name key'", quote(text))
             return "PERM malformed request: expected 'name key'"
         if name != self.config.map_name:
-            log.info("unknown map name %r (serving %r): NOTFOUND", name, self.config.map_name)
+            log.info(
+                "unknown map name %s (serving %r): NOTFOUND", quote(name), self.config.map_name
+            )
             return "NOTFOUND "
         try:
             decision = tls_policy(key, self.resolver, self.budget)
         except Exception:
-            log.exception("policy decision for %r failed", key[:80])
+            log.exception("policy decision for %s failed", quote(key))
             return "TEMP internal error"
         reply = decision.reply()
-        who = decision.domain or repr(key[:80])  # the raw key only quoted: no log injection
+        # Outside data (the key, MX host names in the reply) only quoted and cut to 200 characters:
+        # no log injection, and a domain with hundreds of MX hosts makes no huge log line.
+        who = decision.domain or quote(key)
+        shown = quote(reply)
         if self.config.report_only and decision.kind is not PolicyKind.NOTFOUND:
             log.info(
-                "report-only: %s would be %r (%s); answering NOTFOUND", who, reply, decision.reason
+                "report-only: %s would be %s (%s); answering NOTFOUND", who, shown, decision.reason
             )
             return "NOTFOUND "
         level = logging.DEBUG if decision.kind is PolicyKind.NOTFOUND else logging.INFO
-        log.log(level, "%s: %r (%s)", who, reply, decision.reason)
+        log.log(level, "%s: %s (%s)", who, shown, decision.reason)
         return reply
 
 

@@ -12,6 +12,8 @@
 * Opted in but no MX host (null MX, RFC 7505, or no MX and no address): ``OK secure
   match=<domain>``. The answer stays strict, and Postfix's own MX resolution then finds no host
   and bounces at once as RFC 7505 asks, where ``TEMP`` would keep the mail queued for days.
+* The pinned MX set is every MX host, however many (RFC 5321 sets no limit; only Client MX is
+  limited to 10 names). Reasons quote at most 200 characters of host lists and keys.
 * Keys that are not a plain domain - Postfix's parent-domain probes (``.example.com``), IP
   literals, ``[host]`` and ``[host]:port`` or ``host:port`` next hops an operator routed
   explicitly - are ``NOTFOUND``: the policy is about MX delivery of a recipient domain.
@@ -27,6 +29,7 @@ from enum import StrEnum
 
 from mtls_milter.core.dns import HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.names import normalize_domain
+from mtls_milter.core.quote import clip, quote
 
 __all__ = ["PolicyAnswer", "PolicyKind", "tls_policy"]
 
@@ -103,11 +106,11 @@ def tls_policy(
     key = key.strip()
     why_not = _not_a_domain_key(key)
     if why_not:
-        return PolicyAnswer(PolicyKind.NOTFOUND, reason=f"{why_not}: {key!r}")
+        return PolicyAnswer(PolicyKind.NOTFOUND, reason=f"{why_not}: {quote(key)}")
     try:
         domain = normalize_domain(key)
     except ValueError as exc:
-        return PolicyAnswer(PolicyKind.NOTFOUND, reason=f"not a domain name: {exc}")
+        return PolicyAnswer(PolicyKind.NOTFOUND, reason=f"not a domain name: {clip(str(exc))}")
 
     start = monotonic()
     client = resolver.client_mx(domain, budget)
@@ -120,7 +123,7 @@ def tls_policy(
     # OK (hosts or null) or PERMFAIL (published but unusable): either way the domain published
     # Client MX, so it has opted in; its MX names, not its Client MX names, are what we pin.
     opted = (
-        "Client MX " + (", ".join(client.hosts) or "null")
+        "Client MX " + (_host_list(client.hosts) or "null")
         if client.status is LookupStatus.OK
         else f"Client MX unusable ({client.detail}), treated as opted in"
     )
@@ -137,7 +140,7 @@ def _answer_for_mx(domain: str, client: HostLookup, mx: HostLookup, opted: str) 
             client_mx_hosts=client.hosts,
         )
     if mx.status is LookupStatus.PERMFAIL:
-        # Opted in but the MX set cannot be pinned (malformed, > 10 names, null mixed in):
+        # Opted in but the MX set cannot be pinned (malformed rdata, null mixed with hosts):
         # do not guess; keep the mail queued until the domain fixes its DNS.
         return PolicyAnswer(
             PolicyKind.TEMP,
@@ -150,7 +153,7 @@ def _answer_for_mx(domain: str, client: HostLookup, mx: HostLookup, opted: str) 
             PolicyKind.OK,
             domain,
             policy=f"secure match={':'.join(mx.hosts)} servername=hostname",
-            reason=f"{domain} opted in ({opted}); MX {', '.join(mx.hosts)}"
+            reason=f"{domain} opted in ({opted}); MX {_host_list(mx.hosts)}"
             + (" (implicit)" if mx.implicit else ""),
             mx_hosts=mx.hosts,
             client_mx_hosts=client.hosts,
@@ -164,3 +167,8 @@ def _answer_for_mx(domain: str, client: HostLookup, mx: HostLookup, opted: str) 
         reason=f"{domain} opted in ({opted}) but has {what}; Postfix will not find a host",
         client_mx_hosts=client.hosts,
     )
+
+
+def _host_list(hosts: tuple[str, ...]) -> str:
+    """Host names for a reason: all of them in the policy, at most 200 characters here."""
+    return clip(", ".join(hosts))
