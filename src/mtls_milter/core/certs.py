@@ -112,7 +112,7 @@ _MAX_MESSAGE = 160
 def _short(exc: BaseException) -> str:
     """The first line of an exception message, bounded: it ends up in logs and verdicts."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
 def _pem_blocks(data: bytes) -> list[tuple[str, bytes, bool]]:
