@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 import dns.rdata
 import pytest
 
+from mtls_milter.adapters.cli import main
 from mtls_milter.config import DnsConfig
 from mtls_milter.core.dns import (
     MAX_HOSTS,
@@ -774,3 +776,50 @@ def test_server_stops_cleanly() -> None:
     server.stop()
     assert started < 0.1
     assert threading.active_count() == before
+
+
+# --- what an operator sees: `mtls-milter check` over the in-process server -----------------
+
+
+def check_json(capsys: pytest.CaptureFixture[str], nameserver: str, domain: str) -> Any:
+    argv = ["check", "--mail-from", f"a@{domain}", "--mta-cn", f"out.{domain}", "--dns",
+            nameserver, "--authserv-id", "mx.receiver.test", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("rdata", "reason"),
+    [
+        (b"\x00\x0a\x03out\x03ptr\x04test\xc0\x00",
+         "Client MX unusable: rdata malformed: compression pointer at byte 15: names in this "
+         "record are never compressed (RFC 3597)"),
+        (b"\x00\x0a\xc0\x00",  # a pointer to a zero byte is not a null Client MX
+         "Client MX unusable: rdata malformed: compression pointer at byte 2"),
+        (mx_wire("10 out.ptr.test.") + b"\x00",
+         "Client MX unusable: rdata malformed: 1 trailing bytes after the exchange name"),
+        (mx_wire("10 out.ptr.test.")[:-1],
+         "Client MX unusable: rdata malformed: exchange name truncated"),
+    ],
+    ids=["pointer-after-labels", "pointer-to-zero", "trailing-byte", "truncated"],
+)  # fmt: skip
+def test_check_reports_unusable_rdata_as_permerror(
+    rdata: bytes,
+    reason: str,
+    dns_server: TestDnsServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dns_server.add_raw("ptr.test", CMX, rdata)
+    report = check_json(capsys, dns_server.nameserver, "ptr.test")
+    assert report["result"] == "permerror"
+    assert report["reason"].startswith(reason)
+
+
+def test_check_reason_for_junk_rdata_is_short(
+    dns_server: TestDnsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dns_server.add_raw("junk.test", CMX, JUNK_RDATA["binary-name"])
+    report = check_json(capsys, dns_server.nameserver, "junk.test")
+    assert report["result"] == "permerror"
+    assert len(report["reason"]) <= 300, report["reason"]
+    assert len(report["header"]) <= 600, report["header"]
