@@ -144,3 +144,28 @@ def test_huge_macro_is_bounded() -> None:
 )
 def test_xtext_decode(text: str, decoded: str) -> None:
     assert xtext_decode(text) == decoded
+
+
+@pytest.mark.parametrize(
+    ("macros", "cn"),
+    [
+        pytest.param(
+            {"{tls_version}": "TLSv1.3", "{cert_subject}": "Out.Faß.Test", "{cert_issuer}": "CA"},
+            "out.xn--fa-hia.test",
+            id="postfix-utf8",
+        ),
+        pytest.param(
+            {"{verify}": "OK", "{tls_version}": "TLSv1.3", "{cn_subject}": "out.fa+C3+9F.test"},
+            "out.xn--fa-hia.test",
+            id="sendmail-xtext-utf8",
+        ),
+        pytest.param(
+            {"{verify}": "OK", "{tls_version}": "TLSv1.3", "{cn_subject}": "out.fa+FF.test"},
+            "",
+            id="sendmail-not-utf8",
+        ),
+    ],
+)
+def test_mta_cn_is_normalized_like_a_certificate_name(macros: dict[str, str], cn: str) -> None:
+    # IDNA 2008, as for MAIL FROM and certificates (IDNA 2003 would give out.fass.test).
+    assert session_from_macros(macros).mta_cn == cn

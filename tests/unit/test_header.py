@@ -107,7 +107,17 @@ RENDER_CASES: list[tuple[str, MtlsField, str]] = [
     (
         "authserv-id-sanitized",
         MtlsField(" MX.Example.NET. ", "pass", value="sender.example"),
-        "MX.Example.NET; mtls=pass smtp.mailfrom=sender.example",
+        "mx.example.net; mtls=pass smtp.mailfrom=sender.example",
+    ),
+    (
+        "authserv-id-idn",
+        MtlsField("MX.Exämple.NET", "pass", value="sender.example"),
+        "mx.xn--exmple-cua.net; mtls=pass smtp.mailfrom=sender.example",
+    ),
+    (
+        "u-label-domain-idna-2008",
+        MtlsField(ID, "pass", value="faß.example"),
+        "mx.example.net; mtls=pass smtp.mailfrom=xn--fa-hia.example",
     ),
     (
         "u-label-domain",
@@ -239,12 +249,15 @@ def test_sanitize_reason(text: str, expected: str) -> None:
     ("text", "expected"),
     [
         ("mx.example.net", "mx.example.net"),
-        ("  MX.example.NET.\r\n", "MX.example.NET"),
+        ("  MX.example.NET.\r\n", "mx.example.net"),
+        ("MX.Exämple.NET", "mx.xn--exmple-cua.net"),
+        ("MX.Exämple.NET.", "mx.xn--exmple-cua.net"),
         ("mx..example.net", "mx.example.net"),
         ("mx example;net", "mxexamplenet"),
         ("mx.example.net/1", "mx.example.net1"),
         ('"quoted"', "quoted"),
-        ("bücher.example", "bcher.example"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("Bücher Example", "bcherexample"),
         ("", "localhost"),
         (' ;()/"\\ ', "localhost"),
         ("...", "localhost"),

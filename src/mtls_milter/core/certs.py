@@ -30,7 +30,9 @@ as it would in a verifier for either purpose; a serverAuth+clientAuth leaf under
 intermediate passes as serverAuth.
 
 Host names come from the SAN dNSNames, or from DNS-like subject CNs only when the certificate
-has no SAN dNSName. Such CN-only leaves are accepted (private CAs still issue them), and because
+has no SAN dNSName; one SAN dNSName that is not a usable host name leaves the certificate with no
+names at all (never a CN fallback). Names are normalized by ``core.names.normalize_host``.
+CN-only leaves are accepted (private CAs still issue them), and because
 cryptography applies name constraints only to SANs, the product applies the CAs' DNS name
 constraints to those CN names itself.
 """
@@ -66,7 +68,9 @@ from cryptography.x509.verification import (
 )
 
 from mtls_milter.config import DEFAULT_MIN_RSA_BITS, EkuPolicy
+from mtls_milter.core.names import normalize_host
 from mtls_milter.core.quote import clip
+from mtls_milter.errors import InputError
 
 __all__ = [
     "MAX_CHAIN_CERTS",
@@ -74,7 +78,9 @@ __all__ = [
     "ChainValidator",
     "ChainVerdict",
     "TrustAnchors",
+    "certificate_name",
     "certificate_names",
+    "common_name_host",
     "fingerprint_sha256",
     "key_problem",
     "load_trust_anchors",
@@ -94,7 +100,7 @@ _EKU_NAMES = {_SERVER_AUTH: "serverAuth", _CLIENT_AUTH: "clientAuth"}
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
 
-class CertificateInputError(ValueError):
+class CertificateInputError(InputError):
     """Certificate input that cannot be used, with a one-line message naming the problem."""
 
 
@@ -262,37 +268,25 @@ def load_trust_anchors(sources: Sequence[str]) -> TrustAnchors:
 # Names, matching, fingerprints
 
 
-_LDH_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+def certificate_name(value: str) -> str | None:
+    """A host name as a certificate (SAN dNSName or subject CN) spells it, normalized by
+    :func:`~mtls_milter.core.names.normalize_host`; None if it is not a usable host name.
 
-
-def _to_alabels(name: str) -> str | None:
-    """Lower-case, strip the trailing dot, U-labels to A-labels; None if not a DNS name."""
-    name = name.strip().lower().rstrip(".")
-    if not name or len(name) > 253:
+    Underscores are tolerated (some private PKIs use them; they can only match a published host
+    that has them too) and a left-most ``*`` label is kept for wildcard matching.
+    """
+    wildcard = value.startswith("*.")
+    try:
+        host = normalize_host(value[2:] if wildcard else value, underscores=True)
+    except InputError:
         return None
-    labels = name.split(".")
-    out = []
-    for i, label in enumerate(labels):
-        if i == 0 and label == "*":
-            out.append(label)
-            continue
-        if not label.isascii():
-            try:
-                # Stdlib IDNA 2003 ToASCII: enough to compare names; certificates should only
-                # hold A-labels anyway.
-                label = label.encode("idna").decode("ascii")
-            except UnicodeError:
-                return None
-        if not _LDH_LABEL.match(label) and not _is_underscore_label(label):
-            return None
-        out.append(label)
-    return ".".join(out)
+    return "*." + host if wildcard else host
 
 
-def _is_underscore_label(label: str) -> bool:
-    # Some private PKIs use underscores in host names; tolerate them, they never match a
-    # Client MX host that could not contain one.
-    return bool(label) and len(label) <= 63 and re.fullmatch(r"[a-z0-9_-]+", label) is not None
+def common_name_host(value: str) -> str | None:
+    """The host name a subject CN stands for, or None (not DNS-like, an IP address, garbage)."""
+    name = certificate_name(value)
+    return name if name is not None and _looks_like_host(name) else None
 
 
 def _looks_like_host(name: str) -> bool:
@@ -317,20 +311,27 @@ def _cn_names(cert: x509.Certificate) -> list[str]:
     names = []
     for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attr.value if isinstance(attr.value, str) else attr.value.decode("utf-8", "replace")
-        name = _to_alabels(value)
-        if name is not None and _looks_like_host(name):
+        name = common_name_host(value)
+        if name is not None:
             names.append(name)
     return names
 
 
 def _names_and_source(cert: x509.Certificate) -> tuple[tuple[str, ...], bool]:
-    """(names, from_cn); never raises."""
+    """(names, from_cn); never raises.
+
+    A certificate with any SAN dNSName is named by its SAN dNSNames alone, and a single one that
+    is not a usable host name (a NUL, 65 kB, not LDH) leaves it with no names: never a CN
+    fallback, which would let a CA-checked SAN be bypassed by an unchecked CN.
+    """
     try:
-        san = [n for n in (_to_alabels(s) for s in _san_dns_names(cert)) if n]
+        sans = _san_dns_names(cert)
     except Exception:  # a malformed extension: cryptography parses extensions lazily
-        san = []
-    if san:
-        return _dedup(san), False
+        return (), False
+    if sans:
+        names = [certificate_name(s) for s in sans]
+        usable = [n for n in names if n is not None]
+        return (_dedup(usable) if len(usable) == len(names) else ()), False
     try:
         return _dedup(_cn_names(cert)), True
     except Exception:
@@ -344,9 +345,12 @@ def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
 
 def name_matches(cert_name: str, host: str, *, allow_wildcards: bool = False) -> bool:
     """Does a certificate name match ``host``? Exact by default; RFC 6125 wildcards if allowed."""
-    c = _to_alabels(cert_name)
-    h = _to_alabels(host)
-    if not c or not h or h.startswith("*"):
+    c = certificate_name(cert_name)
+    try:
+        h = normalize_host(host, underscores=True)
+    except InputError:
+        return False
+    if not c:
         return False
     if c == h:
         return not c.startswith("*")
@@ -471,6 +475,20 @@ _EECallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage], None]
 _CACallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage | None], None]
 
 
+def _ee_san_check(
+    _policy: Policy, cert: x509.Certificate, san: x509.SubjectAlternativeName | None
+) -> None:
+    """The Web PKI's SAN criticality rule, kept while the SAN itself becomes optional (RFC 5280
+    4.2.1.6: critical exactly when the subject is empty)."""
+    if san is None:
+        return
+    critical = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
+    if len(cert.subject) == 0 and not critical:
+        raise _PolicyError("subjectAltName must be critical when the subject is empty")
+    if len(cert.subject) and critical:
+        raise _PolicyError("subjectAltName must not be critical when the subject is not empty")
+
+
 def _ee_eku_check(wanted: frozenset[ObjectIdentifier]) -> _EECallback:
     def check(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
         if not wanted.intersection(eku):
@@ -501,7 +519,10 @@ def _ca_check(
 
 
 def _utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    """``at`` in UTC (naive means UTC), in whole seconds: X.509 validity times have no fractions
+    (RFC 5280 4.1.2.5) and cryptography compares in seconds, so our own time checks must too."""
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return at.replace(microsecond=0)
 
 
 def _iso(t: datetime) -> str:
@@ -590,6 +611,13 @@ def _time_error(certs: Sequence[x509.Certificate], at: datetime) -> str:
     return ""
 
 
+# What cryptography raises for certificate bytes it cannot parse (it parses lazily).
+_MALFORMED_CERTIFICATE = (
+    ValueError,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    x509.InvalidVersion,
+)
 _CacheKey = tuple[tuple[str, int], tuple[bytes, ...]]  # (policy, SHA-256 of each certificate)
 
 
@@ -661,7 +689,7 @@ class ChainValidator:
         A CN-only leaf is allowed (names then come from the CN, see the module docstring).
         """
         ee_base = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+            x509.SubjectAlternativeName, Criticality.AGNOSTIC, _ee_san_check
         )
         ca_base = ExtensionPolicy.webpki_defaults_ca()
 
@@ -688,7 +716,12 @@ class ChainValidator:
     # -- client ---------------------------------------------------------------------------
 
     def validate_client(self, chain: Sequence[x509.Certificate], at: datetime) -> ChainVerdict:
-        """Validate a client chain (leaf + intermediates in any order) at ``at``. Never raises."""
+        """Validate a client chain (leaf + intermediates in any order) at ``at``.
+
+        A certificate that cryptography cannot parse gives an invalid verdict. Any other
+        exception is an internal error and propagates: it says nothing about the chain, and
+        the engine turns it into ``temperror`` (never the ``fail`` an invalid verdict means).
+        """
         try:
             if not chain:
                 return ChainVerdict(False, "no certificate presented", (), "")
@@ -707,8 +740,8 @@ class ChainValidator:
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
             return verdict
-        except Exception as exc:  # the milter must never die on a certificate
-            return ChainVerdict(False, f"internal error: {_short(exc)}", (), "")
+        except _MALFORMED_CERTIFICATE as exc:  # lazily parsed fields of a hostile certificate
+            return ChainVerdict(False, f"malformed certificate: {_short(exc)}", (), "")
 
     def _window(self, certs: Sequence[x509.Certificate], at: datetime) -> tuple[datetime, datetime]:
         """The largest [from, until) around ``at`` in which no certificate's validity changes."""

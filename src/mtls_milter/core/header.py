@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import authres
 
+from mtls_milter.core.names import normalize_host
+from mtls_milter.errors import InputError
+
 __all__ = [
     "HEADER_NAME",
     "RESULTS",
@@ -136,26 +139,32 @@ def sanitize_reason(text: str, max_len: int = REASON_MAX_LEN) -> str:
 
 
 def sanitize_authserv_id(text: str) -> str:
-    """Return a safe authserv-id.
+    """Return a safe authserv-id: lower-case, an IDN as A-labels.
 
-    RFC 8601 allows a token or quoted-string; we emit host-name-like tokens only, restricted
-    further to what authres accepts (it parses an RFC 5322 dot-atom): characters outside
-    ``[A-Za-z0-9!#$%&'*+^_`{|}~.-]`` (whitespace, "/", non-ASCII, ...) are dropped, runs of dots
-    collapsed, leading/trailing dots removed (``mx.example.net.`` -> ``mx.example.net``), length
-    bounded to 255.  If nothing is left the result is ``localhost``.  Case is kept.
+    A host name (the usual authserv-id) is normalized like every other name
+    (:func:`~mtls_milter.core.names.normalize_host`: ``MX.Exämple.NET`` gives
+    ``mx.xn--exmple-cua.net``). Anything else is restricted to what authres accepts (it parses
+    an RFC 5322 dot-atom): characters outside ``[A-Za-z0-9!#$%&'*+^_`{|}~.-]`` (whitespace,
+    "/", non-ASCII, ...) are dropped, runs of dots collapsed, leading/trailing dots removed,
+    length bounded to 255, the result lower-cased. If nothing is left it is ``localhost``.
     """
+    try:
+        return normalize_host(text.strip(), underscores=True)
+    except InputError:
+        pass
     kept = "".join(_AUTHSERV_CHAR.findall(text[: AUTHSERV_ID_MAX_LEN * 8]))
     kept = _DOTS.sub(".", kept).strip(".")
     kept = kept[:AUTHSERV_ID_MAX_LEN].rstrip(".")
-    return kept or "localhost"
+    return kept.lower() or "localhost"
 
 
 def _render_pvalue(value: str) -> str:
-    """Return the property value: a domain as-is, U-labels as A-labels, else a quoted-string."""
+    """Return the property value: a domain normalized (U-labels as A-labels), else a
+    quoted-string."""
     value = value.strip()
     if value and not value.isascii():
-        with contextlib.suppress(UnicodeError):
-            value = value.encode("idna").decode("ascii")
+        with contextlib.suppress(InputError):
+            value = normalize_host(value)
     if len(value) <= VALUE_MAX_LEN and _DOMAIN_VALUE.fullmatch(value):
         return value
     return '"' + sanitize_reason(value, VALUE_MAX_LEN) + '"'

@@ -1,6 +1,10 @@
-"""Envelope sender parsing and domain-name normalization.
+"""Envelope sender parsing and the one host-name normalization of the product.
 
-Every name the core compares is a lower-case A-label without the trailing dot (SPEC §2).
+Every host name the product compares or writes (MAIL FROM and HELO domains, certificate names,
+Client MX and MX exchange names, the authserv-id) goes through :func:`normalize_host`: a
+lower-case A-label name without the trailing dot, a non-ASCII name mapped by UTS #46 and
+encoded by IDNA 2008. A name therefore compares equal however a client, a certificate or a zone
+spells it: ``faß.de`` is ``xn--fa-hia.de`` everywhere, never the IDNA 2003 ``fass.de``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,83 @@ from enum import StrEnum
 
 import idna
 
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+from mtls_milter.core.quote import clip, quote
+from mtls_milter.errors import InputError
+
 MAX_NAME_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+# UTS #46 maps some characters to nothing (soft hyphens), so a longer spelling may still be a
+# short name; beyond this a spelling is refused before IDNA sees it.
+_MAX_SPELLING = 4 * MAX_NAME_LENGTH
+_LDH_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_UNDERSCORE_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_LABELS = {False: re.compile(_LDH_LABEL), True: re.compile(_UNDERSCORE_LABEL)}
+_NAMES = {
+    False: re.compile(rf"(?:{_LDH_LABEL}\.)*{_LDH_LABEL}"),
+    True: re.compile(rf"(?:{_UNDERSCORE_LABEL}\.)*{_UNDERSCORE_LABEL}"),
+}
+
+
+def normalize_host(name: str, *, underscores: bool = False) -> str:
+    """``name`` as a lower-case A-label host name without the trailing dot.
+
+    A non-ASCII name goes through UTS #46 and IDNA 2008; ``xn--`` labels must be valid
+    A-labels. ``underscores`` tolerates ``_`` in labels (some private PKIs put it in
+    certificate names). Raises :class:`InputError`, quoting at most 200 characters of ``name``.
+    """
+    if len(name) > _MAX_SPELLING:
+        raise InputError(f"name longer than {MAX_NAME_LENGTH} characters ({len(name)})")
+    text = name[:-1] if name.endswith(".") else name
+    if not text:
+        raise InputError("empty name")
+    if not text.isascii():
+        try:
+            text = idna.encode(text, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError) as exc:
+            raise InputError(
+                f"invalid internationalized name {quote(text)}: {_idna_why(exc)}"
+            ) from None
+    text = text.lower()
+    if len(text) > MAX_NAME_LENGTH or not _NAMES[underscores].fullmatch(text):
+        raise InputError(_why_not_a_host(text, underscores))
+    if "xn--" in text:
+        _check_a_labels(text)
+    return text
+
+
+def _check_a_labels(text: str) -> None:
+    for label in text.split("."):
+        if label.startswith("xn--"):
+            try:
+                idna.ulabel(label)
+            except (idna.IDNAError, UnicodeError, ValueError) as exc:
+                raise InputError(f"invalid A-label {quote(label)}: {clip(str(exc), 100)}") from None
+
+
+_QUOTED_LABEL = re.compile(r""" (?:of|in) (?:'.*?'|".*?")(?=\s|$)""", re.DOTALL)
+
+
+def _idna_why(exc: Exception) -> str:
+    """idna's explanation without the label it repeats (the caller quotes it once)."""
+    return clip(_QUOTED_LABEL.sub("", str(exc)), 100)
+
+
+def _why_not_a_host(text: str, underscores: bool) -> str:
+    if len(text) > MAX_NAME_LENGTH:
+        return f"name longer than {MAX_NAME_LENGTH} characters ({len(text)})"
+    for label in text.split("."):
+        if not label:
+            return f"empty label in {quote(text)}"
+        if len(label) > MAX_LABEL_LENGTH:
+            return f"label longer than {MAX_LABEL_LENGTH} characters in {quote(text)}"
+        if not _LABELS[underscores].fullmatch(label):
+            return f"invalid label {quote(label)}"
+    return f"not a host name: {quote(text)}"  # unreachable: some label must be at fault
+
+
+def normalize_domain(text: str) -> str:
+    """A domain as protocol text spells it (blanks around it ignored), by :func:`normalize_host`."""
+    return normalize_host(text.strip())
 
 
 class SenderKind(StrEnum):
@@ -30,27 +109,6 @@ class Sender:
     kind: SenderKind
     domain: str = ""
     problem: str = ""
-
-
-def normalize_domain(text: str) -> str:
-    """Return ``text`` as a lower-case A-label without the trailing dot; ValueError if invalid."""
-    name = text.strip()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name:
-        raise ValueError("empty domain")
-    if not name.isascii():
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError) as exc:
-            raise ValueError(f"invalid internationalized domain: {exc}") from None
-    name = name.lower()
-    if len(name) > MAX_NAME_LENGTH:
-        raise ValueError(f"domain longer than {MAX_NAME_LENGTH} characters")
-    for label in name.split("."):
-        if not _LDH_LABEL.fullmatch(label):
-            raise ValueError(f"invalid label {label[:70]!r}")
-    return name
 
 
 def parse_mail_from(raw: str) -> Sender:
