@@ -79,6 +79,21 @@ def test_table_is_bounded_and_expires() -> None:
     assert table.get("192.0.2.1", "3") is None
 
 
+def test_table_gives_a_session_only_its_own_record() -> None:
+    now = [100.0]
+    table = SessionTable(clock=lambda: now[0])
+    table.record("192.0.2.1", "41000", PolicyFacts(fingerprint="earlier"))
+    now[0] += 5
+    connected = table.now()  # a later SMTP session from the same address and port connects
+    assert table.get("192.0.2.1", "41000", since=connected) is None
+    facts = table.get("192.0.2.1", "41000")  # without a session start: any record (older API)
+    assert facts is not None and facts.fingerprint == "earlier"
+    now[0] += 1
+    table.record("192.0.2.1", "41000", PolicyFacts(fingerprint="this session"))
+    facts = table.get("192.0.2.1", "41000", since=connected)
+    assert facts is not None and facts.fingerprint == "this session"
+
+
 def test_table_normalizes_addresses() -> None:
     table = SessionTable()
     table.record("IPv6:2001:DB8::1", "25", PolicyFacts(fingerprint="x"))

@@ -2,11 +2,16 @@
 
 Postfix before 3.12 tells a milter nothing about a client certificate it did not trust, but its
 policy-delegation protocol sends the leaf's fingerprint for every presented certificate
-(FIELD-NOTES §1). This service records, per ``(client_address, client_port)``, the
+(docs/evidence.md). This service records, per ``(client_address, client_port)``, the
 ``ccert_fingerprint``, ``ccert_pubkey_fingerprint`` and TLS facts of each request in a
 :class:`SessionTable`; the milter looks its own ``{client_addr}``/``{client_port}`` up there at
 end of message. The service never decides anything: every request is answered
 ``action=DUNNO``, including malformed, oversized and unexpected ones.
+
+A record belongs to one SMTP session. Postfix sends the request at RCPT, always after the
+milter's connect callback for the same session, so the milter takes a record only when it was
+made after its own connect time (:meth:`SessionTable.get` with ``since``); an older record with
+the same address and port is an earlier session's (docs/evidence.md).
 
 Protocol (Postfix SMTPD_POLICY_README): ``name=value`` lines, an empty line ends a request, the
 reply is ``action=...`` and an empty line; one connection carries many requests.
@@ -87,8 +92,14 @@ class SessionTable:
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
 
-    def get(self, address: str, port: str) -> PolicyFacts | None:
-        """The facts recorded for the session, unless missing or expired."""
+    def now(self) -> float:
+        """The table's clock: what a session's start is measured on for :meth:`get`."""
+        return self._clock()
+
+    def get(self, address: str, port: str, *, since: float | None = None) -> PolicyFacts | None:
+        """The facts recorded for the session, unless missing, expired or recorded before
+        ``since`` (the session's start on :meth:`now`'s clock: such a record is an earlier
+        session's from the same address and port)."""
         key = (_norm_address(address), port.strip())
         with self._lock:
             facts = self._items.get(key)
@@ -96,6 +107,9 @@ class SessionTable:
                 return None
             if self._clock() - facts.recorded > self._ttl:
                 del self._items[key]
+                return None
+            if since is not None and facts.recorded < since:
+                # Kept: with several MTAs on one daemon, an earlier session may still need it.
                 return None
             return facts
 
