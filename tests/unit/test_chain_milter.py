@@ -25,7 +25,8 @@ from mtls_milter.testing.dnsserver import TestDnsServer
 from mtls_milter.testing.pki import Issued, TestPki
 
 CLIENT = ("93.184.216.34", 41000)  # global: fetching is allowed
-POSTFIX_UNTRUSTED = {"{tls_version}": "TLSv1.3"}  # Postfix sends nothing more (FIELD-NOTES §1)
+POSTFIX_UNTRUSTED = {"{tls_version}": "TLSv1.3"}  # Postfix sends nothing more
+SENDMAIL_NOTHING = {"{tls_version}": "TLSv1.3", "{verify}": "NO"}  # no certificate: no fetch
 
 
 class Ctx:
@@ -91,8 +92,15 @@ class Rig:
     def __init__(self, zone: TestDnsServer, pki: TestPki, executor: ThreadPoolExecutor) -> None:
         self.zone, self.pki, self.executor = zone, pki, executor
         self.sessions = SessionTable()
+        self._engines: dict[str, Engine] = {}  # one per settings: its DNS cache lives on
 
     def engine(self, **chain_fetch: Any) -> Engine:
+        key = repr(sorted(chain_fetch.items()))
+        if key not in self._engines:
+            self._engines[key] = self._new_engine(**chain_fetch)
+        return self._engines[key]
+
+    def _new_engine(self, **chain_fetch: Any) -> Engine:
         raw: dict[str, dict[str, Any]] = {
             "milter": {"authserv_id": "mx.receiver.test"},
             "dns": {"nameservers": [self.zone.nameserver], "timeout": 1.0, "budget": 2.0},
@@ -108,8 +116,11 @@ class Rig:
         *,
         mail_from: str = "<a@sender.test>",
         policy_fp: str = "",
+        earlier_fp: str = "",
         **chain_fetch: Any,
     ) -> tuple[str, dict[str, Any], FakeHost]:
+        """One SMTP session; ``earlier_fp`` is a policy record from an earlier session of the
+        same client address and port, made before this session's connect."""
         fetcher = ChainFetcher(fetch=host, ehlo_name="mx.receiver.test")
         ctx = Ctx()
         milter = MtlsMilter(
@@ -119,6 +130,8 @@ class Rig:
             fetcher=fetcher,
         )
         milter._setctx(ctx)
+        if earlier_fp:
+            self.sessions.record(CLIENT[0], str(CLIENT[1]), PolicyFacts(fingerprint=earlier_fp))
         try:
             assert milter.connect("client", 2, CLIENT) == Milter.CONTINUE
             ctx.macros = dict(macros)
@@ -257,3 +270,39 @@ def test_hanging_host_is_bounded(rig: Rig, pki: TestPki) -> None:
 def test_without_policy_record_nothing_is_fetched(rig: Rig, pki: TestPki) -> None:
     header, _, host = rig.run(FakeHost(pki.leaves["server"].chain), POSTFIX_UNTRUSTED)
     assert host.calls == [] and "mtls=fail" in header
+
+
+def test_an_earlier_sessions_fingerprint_is_never_used(rig: Rig, pki: TestPki) -> None:
+    """A record from an earlier session of the same address and port (a renewed certificate,
+    another client behind the same NAT) neither starts a fetch nor binds a chain."""
+    renewed, earlier = pki.leaves["server"], pki.leaves["both"]
+    rig.run(FakeHost(renewed.chain), SENDMAIL_NOTHING)  # warms the Client MX cache
+    header, record, host = rig.run(
+        FakeHost(earlier.chain), POSTFIX_UNTRUSTED, earlier_fp=fp(earlier)
+    )
+    assert host.calls == []  # not at MAIL FROM (Client MX cached), not at DATA, not at the end
+    assert "mtls=fail" in header and "evidence=none" in header
+    assert record["reason"] == "no client certificate verified by the MTA"
+    # This session's own record (made at RCPT, after connect) replaces it and is used.
+    header, record, host = rig.run(
+        FakeHost(renewed.chain),
+        POSTFIX_UNTRUSTED,
+        earlier_fp=fp(earlier),
+        policy_fp=fp(renewed),
+    )
+    assert len(host.calls) == 1
+    assert "mtls=pass (evidence=chain;" in header, record
+
+
+def test_a_stale_record_does_not_start_a_fetch_for_the_old_certificate(
+    rig: Rig, pki: TestPki
+) -> None:
+    """Certificate renewed between two sessions from the same address and port: the fetch at
+    MAIL FROM (Client MX cached) must not bind the old fingerprint and then refuse the new one."""
+    renewed, old = pki.leaves["server"], pki.leaves["both"]
+    rig.run(FakeHost(renewed.chain), SENDMAIL_NOTHING)  # warms the Client MX cache
+    header, record, _ = rig.run(
+        FakeHost(renewed.chain), POSTFIX_UNTRUSTED, earlier_fp=fp(old), policy_fp=fp(renewed)
+    )
+    assert "mtls=pass (evidence=chain;" in header, record
+    assert "different certificate" not in record["chain"]

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import Milter
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from mtls_milter.adapters import milter as milter_module
 from mtls_milter.adapters.milter import (
     ENVFROM_MACROS,
     EOM_MACROS,
@@ -202,7 +206,7 @@ class Conversation:
         self,
         sender: str | bytes = "<alice@sender.test>",
         macros: Macros | None = None,
-        headers: list[tuple[str, str]] | None = None,
+        headers: Sequence[tuple[str, str | bytes]] | None = None,
     ) -> int:
         """MAIL FROM … end of message; the first non-CONTINUE answer ends it early."""
         rc = self.mail(sender, macros)
@@ -762,14 +766,14 @@ def test_getsymval_that_raises(
         ),
         pytest.param(
             b"<alice@\xff\xfe.test>",
-            'mtls=none reason="MAIL FROM domain is invalid: invalid internationalized name',
+            'mtls=none reason="MAIL FROM domain is invalid: invalid internationalized domain:',
             id="invalid-utf8",
         ),
         pytest.param(b"<alice@sender.test\x00>", "mtls=none", id="nul"),
         pytest.param(b"<" + b"a" * 100_000 + b"@sender.test>", PASS_VALUE, id="100kB-local"),
         pytest.param(
             b"<a@" + b"b." * 50_000 + b"test>",
-            'mtls=none reason="MAIL FROM domain is invalid: name longer than 253',
+            'mtls=none reason="MAIL FROM domain is invalid: domain longer than 253',
             id="100kB-domain",
         ),
     ],
@@ -930,4 +934,208 @@ def test_slow_body_after_prefetch_still_uses_its_answer(make: Factory, zone: Tes
     assert conv.mail("<alice@sender.test>") == CONTINUE
     time.sleep(0.3)  # longer than the whole DNS budget
     assert conv.eom() == ACCEPT
+    assert conv.header_value() == PASS_VALUE
+
+
+# ---------------------------------------------------------------------------------------------
+# Decide, then act, then log: a failing side effect never changes the answer
+
+
+def _raise_not_utf8(real: Any, broken: str, raw: bytes = b"4Xy\xe9") -> Any:
+    """A getsymval that fails like pymilter's for a macro value that is not UTF-8."""
+
+    def getsymval(name: str) -> str | None:
+        if name == broken:
+            raise UnicodeDecodeError("utf-8", raw, 3, 4, "invalid continuation byte")
+        result: str | None = real(name)
+        return result
+
+    return getsymval
+
+
+def test_reject_stands_when_the_queue_id_macro_is_not_utf8(
+    make: Factory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv = make.started(helo_macros=POSTFIX_OTHER_CN, policy={"on_fail": "reject"})
+    monkeypatch.setattr(conv.ctx, "getsymval", _raise_not_utf8(conv.ctx.getsymval, "i"))
+    assert conv.message("<alice@sender.test>", {}) == REJECT
+    assert conv.ctx.reply == (
+        "550",
+        "5.7.1",
+        "mtls=fail: no certificate name matches Client MX",
+    )
+    line = _one_verdict(caplog)
+    assert (line["result"], line["action"], line["queue_id"]) == ("fail", "reject", "")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "client=192.0.2.25: macro i is not UTF-8, taken as not sent: '4Xy\\xe9'",
+        "client=192.0.2.25: macro i is not UTF-8, taken as not sent: '4Xy\\xe9'",
+    ]  # read once at MAIL FROM and once at end of message, never again for the log line
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("action", ["addheader", "chgheader"])
+def test_reject_stands_when_a_header_action_raises(
+    make: Factory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    action: str,
+) -> None:
+    conv = make.started(helo_macros=POSTFIX_OTHER_CN, policy={"on_fail": "reject"})
+
+    def refuse(*args: Any) -> None:
+        raise Milter.error(f"cannot {action}")  # what pymilter raises when libmilter fails
+
+    monkeypatch.setattr(conv.ctx, action, refuse)
+    assert conv.message("<alice@sender.test>", {}, [(AR, FORGED_OURS)]) == REJECT
+    assert conv.ctx.reply is not None and conv.ctx.reply[:2] == ("550", "5.7.1")
+    assert _one_verdict(caplog)["action"] == "reject"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["rewriting the header fields failed; the decision stands"]
+
+
+def test_tempfail_stands_when_logging_fails(
+    make: Factory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_log(*args: Any) -> None:
+        raise OSError("log device gone")
+
+    monkeypatch.setattr(MtlsMilter, "_log", broken_log)
+    conv = make.started(helo_macros=POSTFIX_OTHER_CN, policy={"on_fail": "tempfail"})
+    assert conv.message("<alice@sender.test>", {}) == TEMPFAIL
+    assert conv.ctx.reply is not None and conv.ctx.reply[:2] == ("451", "4.7.0")
+    assert "mtls=fail" in conv.header_value()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["logging the verdict failed; the decision stands"]
+
+
+def test_reject_stands_when_the_reply_text_is_refused(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv = make.started(helo_macros=POSTFIX_OTHER_CN, policy={"on_fail": "reject"})
+
+    def refuse(*args: Any) -> None:
+        raise Milter.error("cannot set reply")
+
+    monkeypatch.setattr(conv.ctx, "setreply", refuse)
+    assert conv.message("<alice@sender.test>", {}) == REJECT  # the MTA's own 5xx text then
+
+
+# ---------------------------------------------------------------------------------------------
+# Input that is not UTF-8
+
+
+def test_latin1_mail_from_and_header_value(make: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    conv = make.started(helo_macros=POSTFIX_TRUSTED)
+    forged_latin1 = f'{AUTHSERV_ID}; mtls=pass reason="caf\xe9"'.encode("latin-1")
+    headers: list[tuple[str, str | bytes]] = [
+        ("Subject", "Caf\xe9".encode("latin-1")),
+        (AR, forged_latin1),
+        (AR, b"mx.elsewhere.test; mtls=pass (\xff\xfe)"),
+    ]
+    assert conv.mail("<caf\xe9@sender.test>".encode("latin-1")) == CONTINUE
+    for name, value in headers:
+        assert conv.header(name, value) == CONTINUE
+    assert conv.eom() == ACCEPT
+    assert conv.header_value() == PASS_VALUE
+    assert conv.ctx.deletions() == [1]  # the forged field of ours goes, the other stays
+    assert _one_verdict(caplog)["result"] == "pass"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_authserv_id_macro_not_utf8_still_gives_a_header(
+    make: Factory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`{j}` that pymilter cannot decode: taken as not sent, the host name is the authserv-id."""
+    conv = make.started(helo_macros=POSTFIX_TRUSTED, milter={"authserv_id": ""})
+    monkeypatch.setattr(
+        conv.ctx, "getsymval", _raise_not_utf8(conv.ctx.getsymval, "j", b"mx.\xe9.test")
+    )
+    assert conv.message("<alice@sender.test>", {}) == ACCEPT
+    value = conv.header_value()
+    assert value.startswith(f"{socket.gethostname()}; mtls=pass ")
+    assert _one_verdict(caplog)["result"] == "pass"
+    assert "macro j is not UTF-8, taken as not sent: 'mx.\\xe9.test'" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(local=st.binary(max_size=40), value=st.binary(max_size=120), cn=st.binary(max_size=40))
+def test_any_bytes_give_one_verdict_and_one_header(
+    make: Factory, local: bytes, value: bytes, cn: bytes
+) -> None:
+    """Whatever bytes arrive in MAIL FROM, a header value or a macro, the message gets a
+    result header and a defined answer; nothing raises out of a callback."""
+    conv = make.started()
+    real = conv.ctx.getsymval
+
+    def getsymval(name: str) -> str | None:
+        if name == "{cert_subject}":
+            return cn.decode()  # raises for invalid UTF-8, as pymilter's does
+        return real(name)
+
+    conv.ctx.getsymval = getsymval  # type: ignore[method-assign]
+    sender = b"<" + local.replace(b">", b"") + b"@sender.test>"
+    rc = conv.message(sender, POSTFIX_TRUSTED, [(AR, value), ("Subject", value)])
+    assert rc == ACCEPT
+    header = conv.header_value()
+    assert header.startswith(f"{AUTHSERV_ID}; mtls=")
+    assert header.isascii() and header.isprintable()
+
+
+# ---------------------------------------------------------------------------------------------
+# An MTA that withholds the header actions: results are logged only
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(milter_module, "_warned", set(), raising=False)
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_mta_without_header_actions_logs_only(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make.engine(policy={"on_fail": "reject"})
+    withheld = Milter.CURR_ACTS & ~(Milter.ADDHDRS | Milter.CHGHDRS)
+    conversations = [Conversation(engine, make.executor) for _ in range(2)]
+    for conv in conversations:
+        assert conv.milter.negotiate([withheld, 0x1FFFFF, 0, 0]) == CONTINUE
+        assert conv.connect() == CONTINUE
+        assert conv.helo(macros=POSTFIX_TRUSTED) == CONTINUE
+    first, second = conversations
+    assert first.message("<alice@sender.test>", {}, [(AR, FORGED_OURS)]) == ACCEPT
+    assert first.ctx.calls == []  # neither added nor deleted
+    assert second.message("<alice@other.test>", {}, [(AR, FORGED_OURS)]) == REJECT
+    assert second.ctx.calls == []
+    assert second.ctx.reply is not None and second.ctx.reply[:2] == ("550", "5.7.1")
+    assert [(v["result"], v["action"]) for v in _verdict_lines(caplog)] == [
+        ("pass", "accept"),
+        ("fail", "reject"),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "MTA withholds header actions (ADDHDRS CHGHDRS): results will be logged only, "
+        "no Authentication-Results field is added or removed"
+    ]  # once, not per connection or message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_mta_without_symlist_keeps_its_own_macro_lists(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    conv = make.conversation()
+    assert (
+        conv.milter.negotiate([Milter.CURR_ACTS & ~Milter.SETSYMLIST, 0x1FFFFF, 0, 0]) == CONTINUE
+    )
+    assert conv.ctx.symlists == {}
+    assert "MTA withholds SETSYMLIST" in caplog.text
+    assert conv.connect() == CONTINUE
+    assert conv.helo(macros=POSTFIX_TRUSTED) == CONTINUE
+    assert conv.message("<alice@sender.test>", {}) == ACCEPT
     assert conv.header_value() == PASS_VALUE

@@ -1,4 +1,4 @@
-"""Chain evidence (SPEC §3): fetch the certificate chain a client's own host serves.
+"""Chain evidence (docs/evidence.md): fetch the certificate chain a client's own host serves.
 
 The MTA tells us the fingerprint of the client's leaf (Sendmail ``{cert_fp}``/``{cert_md5}``,
 Postfix through the policy service) but never the chain or the SANs. A sending host normally

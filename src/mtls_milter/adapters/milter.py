@@ -3,13 +3,20 @@
 Connection state (client address, HELO, TLS macros) lives in :class:`_Connection`; transaction
 state (MAIL FROM … end of message) in :class:`_Transaction`, reset at every MAIL FROM and on
 abort. Every callback is guarded: an exception never reaches libmilter, mail is never lost.
+
+At end of message the order is: decide (verdict and action), act (return code and SMTP reply),
+then the side effects (header fields, the log line). A side effect that fails is logged and never
+changes the decision. Macros are read once per stage into the transaction; pymilter decodes
+them as strict UTF-8, so a value that is not UTF-8 is logged (quoted) and taken as not sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -34,6 +41,7 @@ from mtls_milter.core.evidence import (
 )
 from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
 from mtls_milter.core.names import SenderKind, parse_mail_from
+from mtls_milter.core.quote import clip, quote
 from mtls_milter.engine import Engine
 
 from .chain_fetch import ChainFetcher, FetchOutcome
@@ -42,8 +50,8 @@ from .policy_service import SessionTable
 log = logging.getLogger("mtls_milter")
 
 # Macros the engine reads, requested per stage with setsymlist so neither MTA's default lists
-# matter (FIELD-NOTES §1–§2). The TLS macros are asked for at MAIL too: a client may skip the
-# second EHLO after STARTTLS.
+# matter (docs/design.md lists what each MTA sends). The TLS macros are asked for at MAIL too:
+# a client may skip the second EHLO after STARTTLS.
 TLS_MACROS = (
     "{tls_version}",
     "{cert_subject}",
@@ -63,6 +71,9 @@ ACCEPT: int = Milter.ACCEPT
 REJECT: int = Milter.REJECT
 TEMPFAIL: int = Milter.TEMPFAIL
 ALL_OPTS: int = Milter.ALL_OPTS
+ADDHDRS: int = Milter.ADDHDRS
+CHGHDRS: int = Milter.CHGHDRS
+SETSYMLIST: int = Milter.SETSYMLIST
 
 REPLY_REJECT = ("550", "5.7.1")
 REPLY_TEMPFAIL = ("451", "4.7.0")
@@ -80,6 +91,9 @@ class EngineHolder:
 class _Connection:
     client_addr: str = ""
     client_port: str = ""
+    # When the connect callback ran, on the session table's clock: a policy record older than
+    # this belongs to an earlier SMTP session from the same address and port.
+    connected: float = 0.0
     internal: bool = False
     helo: str = ""
     helo_macros: dict[str, str | None] = field(default_factory=dict)
@@ -139,21 +153,44 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         self._fetcher = fetcher  # chain evidence; None: off
         self._conn = _Connection()
         self._tx: _Transaction | None = None
+        # False when the MTA withholds adding or changing header fields (negotiation): then the
+        # results are logged only. An MTA without negotiation offers every action.
+        self._header_actions = True
 
     # -- negotiation ----------------------------------------------------------------------------
 
     @_guarded(ALL_OPTS)
     def negotiate(self, opts: list[int]) -> int:
         status: int = super().negotiate(opts)
-        if status == CONTINUE:
-            # pymilter 1.0.5's own setsymlist fails on Python 3 (bytes vs str); calling the
-            # context directly with one space-separated string works (FIELD-NOTES §2).
-            for stage, names in (
-                (Milter.M_HELO, HELO_MACROS),
-                (Milter.M_ENVFROM, ENVFROM_MACROS),
-                (Milter.M_EOM, EOM_MACROS),
-            ):
-                self._ctx.setsymlist(stage, " ".join(names))
+        if status != CONTINUE:
+            return status
+        offered = int(opts[0])  # the actions the MTA allows; we ask for all of them
+        self._header_actions = offered & (ADDHDRS | CHGHDRS) == ADDHDRS | CHGHDRS
+        if not self._header_actions:
+            _warn_once(
+                "header",
+                "MTA withholds header actions (%s): results will be logged only, no "
+                "Authentication-Results field is added or removed",
+                " ".join(
+                    n for f, n in ((ADDHDRS, "ADDHDRS"), (CHGHDRS, "CHGHDRS")) if not offered & f
+                ),
+            )
+        if not offered & SETSYMLIST:
+            _warn_once(
+                "symlist",
+                "MTA withholds SETSYMLIST: the milter sees only the macros the MTA's own "
+                "configuration lists (%s)",
+                " ".join(ENVFROM_MACROS),
+            )
+            return status
+        # pymilter 1.0.5's own setsymlist fails on Python 3 (bytes vs str); calling the context
+        # directly with one space-separated string works.
+        for stage, names in (
+            (Milter.M_HELO, HELO_MACROS),
+            (Milter.M_ENVFROM, ENVFROM_MACROS),
+            (Milter.M_EOM, EOM_MACROS),
+        ):
+            self._ctx.setsymlist(stage, " ".join(names))
         return status
 
     # -- connection -----------------------------------------------------------------------------
@@ -161,6 +198,8 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
     @_guarded(CONTINUE)
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         self._conn = _Connection()
+        if self._sessions is not None:
+            self._conn.connected = self._sessions.now()
         if isinstance(hostaddr, tuple) and len(hostaddr) >= 2:
             self._conn.client_addr = str(hostaddr[0])
             self._conn.client_port = str(hostaddr[1])
@@ -177,6 +216,18 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     # -- transaction ----------------------------------------------------------------------------
+
+    # libmilter hands MAIL FROM and header values over as bytes; any byte sequence is
+    # decoded (surrogateescape), so a Latin-1 address or field value reaches the callbacks.
+
+    @_guarded(CONTINUE)
+    def envfrom_bytes(self, *args: bytes) -> int:
+        mailfrom, *params = (_text(arg) for arg in args) if args else ("",)
+        return self.envfrom(mailfrom, *params)
+
+    @_guarded(CONTINUE)
+    def header_bytes(self, name: str, value: bytes) -> int:
+        return self.header(name, _text(value))
 
     @_guarded(CONTINUE)
     def envfrom(self, mailfrom: str, *params: str) -> int:
@@ -224,18 +275,16 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         self._tx = None
         if tx.skip_reason:  # skipped at MAIL FROM (an MTA should not even call us here)
             return ACCEPT
+        tx.macros.update({k: v for k, v in self._read_macros(EOM_MACROS).items() if v})
+        # Decide, then act, then the side effects: none of these can change the answer.
         verdict = self._verdict(tx)
         action = _action(tx.engine, verdict)
         dry_run = tx.engine.config.policy.dry_run
-        if not dry_run:
-            try:
-                self._rewrite_headers(tx, verdict)
-            except Exception:  # e.g. the MTA refused the action: still log and apply the policy
-                log.exception("cannot rewrite the %s fields", HEADER_NAME)
-        self._log(tx, verdict, action, dry_run)
-        if dry_run or action == "accept":
-            return ACCEPT
-        return self._refuse(action, verdict)
+        answer = ACCEPT if dry_run or action == "accept" else self._refuse(action, verdict)
+        if not dry_run and self._header_actions:
+            _side_effect("rewriting the header fields", self._rewrite_headers, tx, verdict)
+        _side_effect("logging the verdict", self._log, tx, verdict, action, dry_run)
+        return answer
 
     @_guarded(CONTINUE)
     def abort(self) -> int:
@@ -250,12 +299,22 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
     # -- helpers --------------------------------------------------------------------------------
 
     def _read_macros(self, names: tuple[str, ...]) -> dict[str, str | None]:
+        """Each macro's value; None when not sent or unreadable (one log line each)."""
         macros: dict[str, str | None] = {}
         for name in names:
             try:
                 value = self.getsymval(name)
-            except Exception as exc:  # e.g. pymilter cannot decode a non-UTF-8 value
-                log.warning("macro %s unreadable, ignored: %s", name, exc)
+            except UnicodeDecodeError as exc:  # pymilter decodes macro values as strict UTF-8
+                raw = exc.object if isinstance(exc.object, bytes) else b""
+                log.warning(
+                    "client=%s: macro %s is not UTF-8, taken as not sent: %s",
+                    self._conn.client_addr,
+                    name,
+                    quote(raw),
+                )
+                value = None
+            except Exception as exc:
+                log.warning("macro %s unreadable, taken as not sent: %s", name, quote(str(exc)))
                 value = None
             macros[name] = value if isinstance(value, str) or value is None else str(value)
         return macros
@@ -296,7 +355,7 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             log.exception("internal error during evaluation")
             return Verdict(Result.TEMPERROR, "internal error", evidence=EvidenceKind.NONE)
 
-    # -- chain evidence (SPEC §3) ----------------------------------------------------------------
+    # -- chain evidence (docs/evidence.md) -------------------------------------------------------
 
     def _session(self, tx: _Transaction) -> TlsSession:
         """The MTA's TLS facts, plus the fingerprint Postfix's policy request gave for them."""
@@ -305,7 +364,11 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         session = tx.macro_session or session_from_macros(tx.macros)
         if self._sessions is None or not session.tls or session.fingerprint:
             return session
-        facts = self._sessions.get(self._conn.client_addr, self._conn.client_port)
+        # Only this SMTP session's record: an older one from the same address and port (an
+        # earlier connection, another client behind the same NAT) may name another certificate.
+        facts = self._sessions.get(
+            self._conn.client_addr, self._conn.client_port, since=self._conn.connected
+        )
         if facts is not None and facts.fingerprint:
             session = with_fingerprint(session, facts.fingerprint)
         return session
@@ -408,19 +471,18 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
 
     def _authserv_id(self, tx: _Transaction) -> str:
         configured = tx.engine.config.milter.authserv_id
-        return configured or tx.macros.get("j") or self.getsymval("j") or _hostname()
+        return configured or tx.macros.get("j") or _hostname()
 
     def _refuse(self, action: str, verdict: Verdict) -> int:
-        text = _reply_text(verdict)
-        if action == "reject":
-            self.setreply(*REPLY_REJECT, text)
-            return REJECT
-        self.setreply(*REPLY_TEMPFAIL, text)
-        return TEMPFAIL
+        """The return code for ``action``; the SMTP reply text is best effort."""
+        code, reply = (REJECT, REPLY_REJECT) if action == "reject" else (TEMPFAIL, REPLY_TEMPFAIL)
+        # Without our text the MTA still refuses, with its own default reply.
+        _side_effect("setting the SMTP reply", self.setreply, *reply, _reply_text(verdict))
+        return code
 
     def _log(self, tx: _Transaction, verdict: Verdict, action: str, dry_run: bool) -> None:
         record = {
-            "queue_id": self.getsymval("i") or tx.macros.get("i") or "",
+            "queue_id": clip(tx.macros.get("i") or ""),
             "client": self._conn.client_addr,
             "helo": self._conn.helo[:255],
             "domain": verdict.domain,
@@ -458,6 +520,35 @@ class _Prefetched:
 
     def cached_client_mx(self, domain: str) -> HostLookup | None:
         return self.lookup if domain == self.domain else self.resolver.cached_client_mx(domain)
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    """Log ``message`` as a warning the first time ``key`` comes up in this process."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning(message, *args)
+
+
+def _side_effect(what: str, action: Callable[..., object], *args: object) -> None:
+    """Run a step whose failure must not change the decision: log it and go on."""
+    try:
+        action(*args)
+    except Exception:
+        with contextlib.suppress(Exception):  # even a broken log handler must not escape
+            log.exception("%s failed; the decision stands", what)
+
+
+def _text(raw: bytes | str) -> str:
+    """An envelope or header value as text: UTF-8, other bytes kept as surrogate escapes."""
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "surrogateescape")
+    return raw
 
 
 def _action(engine: Engine, verdict: Verdict) -> str:
