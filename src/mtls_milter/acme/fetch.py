@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from mtls_milter import __version__
+from mtls_milter.core.quote import clip
 
 __all__ = [
     "MAX_HEAD",
@@ -241,7 +242,7 @@ def http_fetch(request: FetchRequest) -> FetchResponse:
                 error=FetchError.CONNECTION, detail="connection closed without a response"
             )
         if isinstance(exc, http.client.HTTPException):
-            text = f"{type(exc).__name__}: {exc}".replace("\r", " ").replace("\n", " ")[:200]
+            text = clip(f"{type(exc).__name__}: {exc}")  # quotes the peer's bytes
             return result(error=FetchError.PROTOCOL, detail=f"malformed HTTP response ({text})")
         return result(
             error=FetchError.CONNECTION, detail=f"connection failed: {exc.strerror or exc}"

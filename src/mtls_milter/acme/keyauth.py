@@ -84,7 +84,7 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     if not isinstance(jwk, Mapping):
         raise JwkError("a JWK must be a JSON object")
     kty = jwk.get("kty")
-    if kty not in _REQUIRED:
+    if not isinstance(kty, str) or kty not in _REQUIRED:  # a list or object is unhashable
         raise JwkError(f"unsupported JWK key type {kty!r} (expected RSA, EC or OKP)")
     members: dict[str, str] = {}
     for name in _REQUIRED[kty]:

@@ -25,6 +25,7 @@ from urllib.parse import urljoin, urlsplit
 from mtls_milter.acme.fetch import REDIRECT_STATUSES, Fetch, FetchError, FetchRequest
 from mtls_milter.acme.keyauth import check_thumbprint, check_token, key_authorization
 from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus, query_name
+from mtls_milter.core.quote import quote
 
 __all__ = [
     "CHALLENGE_PATH",
@@ -392,7 +393,7 @@ class _Validation:
                     return done(
                         Status.INVALID,
                         f"too many redirects (more than {self.policy.max_redirects}), "
-                        f"last to {response.location[:200]!r}",
+                        f"last to {quote(response.location)}",
                         Problem.UNAUTHORIZED,
                     )
                 try:
