@@ -14,8 +14,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mtls_milter.errors import MtlsMilterError
 
-class ConfigError(ValueError):
+
+class ConfigError(MtlsMilterError, ValueError):
     """A configuration problem, with a message an operator can act on."""
 
 

@@ -2,19 +2,24 @@
 
 Adapters build one Engine at start-up (and a new one on reload) and call :meth:`evaluate`.
 Building is where the trust store is read and the resolver set up, so nothing of that happens
-per message.
+per message. :meth:`Engine.evaluate` is the one boundary where an unexpected exception inside
+the evaluation becomes a verdict: ``temperror``, never ``fail``, so a defect cannot reject mail.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from mtls_milter.config import Config
 from mtls_milter.core.certs import ChainValidator, load_trust_anchors
 from mtls_milter.core.clock import Clock, SystemClock
 from mtls_milter.core.dns import DnsResolver, MxResolver
-from mtls_milter.core.evaluate import Transaction, Verdict, evaluate
+from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
 from mtls_milter.core.evidence import Evidence
+from mtls_milter.core.names import SenderKind, parse_mail_from
+
+log = logging.getLogger("mtls_milter.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +45,28 @@ class Engine:
         )
 
     def evaluate(self, transaction: Transaction, evidence: Evidence) -> Verdict:
-        """Evaluate one transaction with this engine's collaborators."""
-        return evaluate(
-            transaction, evidence, self.config, self.resolver, self.validator, self.clock
-        )
+        """Evaluate one transaction with this engine's collaborators. Never raises.
+
+        An unexpected exception (a bug, or a collaborator that failed) gives
+        ``temperror`` with reason ``internal error: <exception type>`` and one log line with
+        the traceback.
+        """
+        try:
+            return evaluate(
+                transaction, evidence, self.config, self.resolver, self.validator, self.clock
+            )
+        except Exception as exc:
+            verdict = internal_error(exc, transaction)
+            log.error("internal error evaluating a transaction: %s", verdict.reason, exc_info=True)
+            return verdict
+
+
+def internal_error(exc: BaseException, transaction: Transaction) -> Verdict:
+    """The verdict for an evaluation that failed inside the product: ``temperror``."""
+    reason = f"internal error: {type(exc).__name__}"
+    try:
+        sender = parse_mail_from(transaction.mail_from)
+    except Exception:  # the verdict must not depend on the code that may be at fault
+        return Verdict(Result.TEMPERROR, reason)
+    domain = sender.domain if sender.kind is SenderKind.DOMAIN else ""
+    return Verdict(Result.TEMPERROR, reason, domain)

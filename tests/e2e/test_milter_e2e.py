@@ -277,7 +277,7 @@ class Case:
 CASES: dict[str, Case] = {
     "no-tls": Case(
         starttls=False,
-        header=f'Authentication-Results: {AUTHSERV_ID}; mtls=none reason="no TLS" '
+        header=f'Authentication-Results: {AUTHSERV_ID}; mtls=fail reason="no TLS" '
         "(evidence=none) smtp.mailfrom=sender.test",
     ),
     "tls-no-cert": Case(
@@ -436,6 +436,10 @@ def test_on_fail_reject(rig: Rig) -> None:
         assert outcome.data.code == 550, outcome
         assert "5.7.1" in outcome.data.text, outcome
         assert "mtls=fail: no certificate name matches Client MX" in outcome.data.text, outcome
+        # skipping STARTTLS does not escape the policy: the domain publishes Client MX
+        plain = rig.send(Message(f"{rig.kind} reject plain"), starttls=False)
+        assert plain.data is not None and plain.data.code == 550, plain
+        assert "mtls=fail: no TLS" in plain.data.text, plain
         # a passing message is still accepted under the same policy
         ok = rig.deliver(Message(f"{rig.kind} reject policy pass"))
         assert ok.header == PASS_HEADER

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from mtls_milter.adapters.cli import main
+from mtls_milter.core.dns import DnsResolver, HostLookup
 from mtls_milter.testing.dnsserver import TestDnsServer
 from mtls_milter.testing.pki import TestPki
 
@@ -177,3 +178,46 @@ def test_no_trust_at_all_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     status = main(["check", "--mail-from", "a@b.test", "--mta-cn", "x", "--no-system-trust"])
     assert status == 2
     assert "no trust anchors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyError])
+def test_internal_error_is_temperror_in_json(
+    capsys: pytest.CaptureFixture[str],
+    pki: TestPki,
+    sender_dns: TestDnsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+) -> None:
+    def broken(self: DnsResolver, domain: str, budget: float) -> HostLookup:
+        raise error("injected")
+
+    monkeypatch.setattr(DnsResolver, "client_mx", broken)
+    chain = str(pki.leaves["server"].chain_path)
+    status, report = check(
+        capsys, pki, sender_dns, "--mail-from", "a@sender.test", "--chain", chain
+    )
+    assert status == 0
+    assert set(report) >= JSON_FIELDS
+    assert (report["result"], report["reason"]) == (
+        "temperror",
+        f"internal error: {error.__name__}",
+    )
+    assert report["header"] == (
+        "Authentication-Results: mx.receiver.test; mtls=temperror "
+        f'reason="internal error: {error.__name__}" (evidence=none) smtp.mailfrom=sender.test'
+    )
+
+
+def test_authserv_id_is_lower_case_a_labels(
+    capsys: pytest.CaptureFixture[str], pki: TestPki, sender_dns: TestDnsServer
+) -> None:
+    status = main(
+        [
+            "check", "--mail-from", "a@sender.test", "--mta-cn", "out.sender.test",
+            "--trust", str(pki.root_path), "--no-system-trust", "--dns", sender_dns.nameserver,
+            "--authserv-id", "MX.Exämple.NET", "--json",
+        ]
+    )  # fmt: skip
+    assert status == 0
+    header = json.loads(capsys.readouterr().out)["header"]
+    assert header.startswith("Authentication-Results: mx.xn--exmple-cua.net; mtls=pass ")

@@ -1,14 +1,21 @@
-"""Every row of SPEC §4, each fallback, and the evidence ladder, with DNS answers injected."""
+"""Every row of the result table, each fallback, and the evidence rules, with DNS injected."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from mtls_milter.config import Config, PolicyConfig, TlsConfig
-from mtls_milter.core.certs import ChainValidator, parse_certificates
+from mtls_milter.core.certs import (
+    ChainValidator,
+    TrustAnchors,
+    certificate_names,
+    parse_certificates,
+)
 from mtls_milter.core.clock import FixedClock
 from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus
 from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
@@ -21,6 +28,7 @@ from mtls_milter.core.evidence import (
     chain_evidence,
     mta_evidence,
 )
+from mtls_milter.engine import Engine
 from mtls_milter.testing.pki import TestPki
 
 OK = LookupStatus.OK
@@ -169,7 +177,7 @@ def test_fail_reports_names_in_header(pki: TestPki, validator: ChainValidator) -
 @pytest.mark.parametrize(
     ("evidence", "mail_from", "reason"),
     [
-        (Evidence(NO_TLS), SENDER, "no TLS"),
+        (Evidence(NO_TLS), "<a@optout.test>", "optout.test does not publish Client MX; no TLS"),
         (
             mta_evidence("out.sender.test"),
             "<a@optout.test>",
@@ -191,10 +199,44 @@ def test_none_rows(
     assert (verdict.result, verdict.reason) == (Result.NONE, reason)
 
 
-def test_no_tls_asks_no_dns(pki: TestPki, validator: ChainValidator) -> None:
+def test_no_tls_from_an_opted_in_domain_fails(pki: TestPki, validator: ChainValidator) -> None:
+    # A spoofer that skips STARTTLS must not escape on_fail: Client MX is looked up anyway.
     resolver = FakeResolver()
-    run(pki, validator, Evidence(NO_TLS), resolver=resolver)
-    assert resolver.asked == []
+    verdict = run(pki, validator, Evidence(NO_TLS), resolver=resolver)
+    assert (verdict.result, verdict.reason, verdict.evidence) == (
+        Result.FAIL,
+        "no TLS",
+        EvidenceKind.NONE,
+    )
+    assert resolver.asked == [("client", "sender.test")]
+    assert verdict.header_field("mx").reason == "no TLS"
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "result", "reason"),
+    [
+        ("<a@null.test>", Result.FAIL, "null.test publishes a null Client MX: no host may send"),
+        (
+            "<a@broken.test>",
+            Result.TEMPERROR,
+            "Client MX lookup failed: SERVFAIL from 127.0.0.1:53",
+        ),
+        ("<a@bad.test>", Result.PERMERROR, "Client MX unusable: more than 10 Client MX hosts"),
+    ],
+)
+def test_no_tls_still_follows_client_mx(
+    pki: TestPki, validator: ChainValidator, mail_from: str, result: Result, reason: str
+) -> None:
+    verdict = run(pki, validator, Evidence(NO_TLS), mail_from=mail_from)
+    assert (verdict.result, verdict.reason) == (result, reason)
+
+
+def test_no_tls_with_server_mx_fallback_is_none(pki: TestPki, validator: ChainValidator) -> None:
+    verdict = run(pki, validator, Evidence(NO_TLS), mail_from="<a@plain.test>", config=FALLBACK)
+    assert (verdict.result, verdict.reason) == (
+        Result.NONE,
+        "plain.test does not publish Client MX; no TLS",
+    )
 
 
 def test_not_opted_in_skips_chain_validation_and_server_mx(
@@ -302,12 +344,122 @@ def test_chain_beats_mta_and_rechecks_sans(pki: TestPki, validator: ChainValidat
     )
 
 
-def test_invalid_chain_falls_back_to_mta(pki: TestPki, validator: ChainValidator) -> None:
-    evidence = replace(
-        chain(pki, "unknown-ca"),
-        session=TlsSession(
-            True, certificate=CertPresence.PRESENTED, mta_verified=True, mta_cn="out.sender.test"
-        ),
+def mta_verified(evidence: Evidence, cn: str) -> Evidence:
+    """``evidence`` in a session whose certificate the MTA verified, with CN ``cn``."""
+    session = TlsSession(True, certificate=CertPresence.PRESENTED, mta_verified=True, mta_cn=cn)
+    return replace(evidence, session=session)
+
+
+def test_invalid_bound_chain_fails_whatever_the_mta_trusted(
+    pki: TestPki, validator: ChainValidator
+) -> None:
+    verdict = run(pki, validator, mta_verified(chain(pki, "unknown-ca"), "out.sender.test"))
+    assert (verdict.result, verdict.evidence) == (Result.FAIL, EvidenceKind.CHAIN)
+    assert verdict.reason == "chain invalid: unknown issuer (no path to a trusted root)"
+
+
+def test_valid_bound_chain_names_are_the_only_names(
+    pki: TestPki, validator: ChainValidator
+) -> None:
+    # The MTA verified CN out.sender.test (published), but the bound chain names another host.
+    verdict = run(pki, validator, mta_verified(chain(pki, "other-host"), "out.sender.test"))
+    assert (verdict.result, verdict.reason, verdict.evidence, verdict.names) == (
+        Result.FAIL,
+        "no certificate name matches Client MX",
+        EvidenceKind.CHAIN,
+        ("out.other.test",),
     )
+
+
+@pytest.mark.parametrize(
+    "bad_san",
+    [
+        pytest.param("out.sender.test\x00.evil.test", id="nul"),
+        pytest.param("a" * 65_000, id="65kB"),
+        pytest.param("out sender.test", id="space"),
+        pytest.param("-out-.sender.test", id="not-ldh"),
+    ],
+)
+def test_unusable_san_leaves_no_names_and_no_cn_fallback(
+    pki: TestPki, validator: ChainValidator, bad_san: str
+) -> None:
+    # The CN is the published host; an unusable SAN dNSName must not let it through.
+    issued = pki.issue("bad-san", cn="out.sender.test", sans=[bad_san])
+    evidence = chain_evidence(issued.chain)
     verdict = run(pki, validator, evidence)
-    assert (verdict.result, verdict.evidence) == (Result.PASS, EvidenceKind.MTA)
+    assert (verdict.result, verdict.reason, verdict.evidence, verdict.names) == (
+        Result.FAIL,
+        "the certificate has no usable host name",
+        EvidenceKind.CHAIN,
+        (),
+    )
+    mixed = pki.issue("mixed-san", cn="out.sender.test", sans=["out.sender.test", bad_san])
+    assert certificate_names(mixed.cert) == ()
+
+
+# IDNA 2008 and IDNA 2003 differ on "ß": xn--fa-hia (2008) versus fass (2003).
+IDN_MX = {
+    "xn--fa-hia.test": HostLookup(OK, ("out.faß.test",)),
+    "sender.test": HostLookup(OK, ("out.xn--fa-hia.test",)),
+}
+
+
+@pytest.mark.parametrize(
+    ("sans", "cn", "mail_from"),
+    [
+        pytest.param(["out.xn--fa-hia.test"], "out.xn--fa-hia.test", "<a@faß.test>", id="san"),
+        pytest.param([], "out.faß.test", SENDER, id="unicode-cn"),
+    ],
+)
+def test_one_idna_2008_normalization_for_every_name(
+    pki: TestPki, validator: ChainValidator, sans: list[str], cn: str, mail_from: str
+) -> None:
+    issued = pki.issue("idn", cn=cn, sans=sans)
+    resolver = FakeResolver(client=dict(IDN_MX))
+    verdict = run(pki, validator, chain_evidence(issued.chain), mail_from, resolver=resolver)
+    assert (verdict.result, verdict.names) == (Result.PASS, ("out.xn--fa-hia.test",))
+    assert verdict.domain in ("xn--fa-hia.test", "sender.test")
+    mta = run(pki, validator, mta_evidence(cn), mail_from, resolver=resolver)
+    assert (mta.result, mta.names) == (Result.PASS, ("out.xn--fa-hia.test",))
+
+
+# -- internal errors: the engine is the one boundary, and its answer is temperror ------------------
+
+
+class RaisingResolver(FakeResolver):
+    def client_mx(self, domain: str, budget: float) -> HostLookup:
+        raise RuntimeError("resolver bug")
+
+
+class RaisingValidator(ChainValidator):
+    def _validate_client(self, *args: object, **kwargs: object) -> Any:
+        raise KeyError("validator bug")
+
+
+def test_internal_error_in_a_collaborator_is_temperror_never_fail(
+    pki: TestPki, trust_anchors: TrustAnchors, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FixedClock(datetime.now(UTC))
+    engine = Engine(Config(), RaisingResolver(), ChainValidator(trust_anchors), clock)
+    with caplog.at_level(logging.ERROR, logger="mtls_milter.engine"):
+        verdict = engine.evaluate(Transaction(SENDER), mta_evidence("out.sender.test"))
+    assert (verdict.result, verdict.reason, verdict.domain) == (
+        Result.TEMPERROR,
+        "internal error: RuntimeError",
+        "sender.test",
+    )
+    [record] = caplog.records
+    assert record.exc_info is not None and "resolver bug" in str(record.exc_info[1])
+    assert "internal error: RuntimeError" in record.getMessage()
+
+
+def test_internal_error_in_chain_validation_is_temperror(
+    pki: TestPki, trust_anchors: TrustAnchors
+) -> None:
+    # Before, the validator turned its own bug into an invalid chain, i.e. fail.
+    clock = FixedClock(datetime.now(UTC))
+    engine = Engine(Config(), FakeResolver(), RaisingValidator(trust_anchors), clock)
+    verdict = engine.evaluate(Transaction(SENDER), chain(pki, "server"))
+    assert (verdict.result, verdict.reason) == (Result.TEMPERROR, "internal error: KeyError")
+    header = verdict.header_field("mx.receiver.test")
+    assert (header.result, header.reason) == ("temperror", "internal error: KeyError")

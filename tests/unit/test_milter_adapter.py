@@ -333,7 +333,7 @@ def test_negotiate_requests_macros_per_stage(make: Factory) -> None:
         pytest.param(
             "<alice@sender.test>",
             {},
-            f'{AUTHSERV_ID}; mtls=none reason="no TLS" (evidence=none) smtp.mailfrom=sender.test',
+            f'{AUTHSERV_ID}; mtls=fail reason="no TLS" (evidence=none) smtp.mailfrom=sender.test',
             id="no-tls",
         ),
         pytest.param(
@@ -685,7 +685,7 @@ def test_no_macros_at_all(make: Factory, caplog: pytest.LogCaptureFixture) -> No
     conv = make.conversation()  # no negotiate, connect or HELO: a broken MTA conversation
     assert conv.message("<alice@sender.test>") == ACCEPT
     assert conv.header_value() == (
-        f'{AUTHSERV_ID}; mtls=none reason="no TLS" (evidence=none) smtp.mailfrom=sender.test'
+        f'{AUTHSERV_ID}; mtls=fail reason="no TLS" (evidence=none) smtp.mailfrom=sender.test'
     )
     assert _one_verdict(caplog)["client"] == ""
 
@@ -766,14 +766,14 @@ def test_getsymval_that_raises(
         ),
         pytest.param(
             b"<alice@\xff\xfe.test>",
-            'mtls=none reason="MAIL FROM domain is invalid: invalid internationalized domain:',
+            'mtls=none reason="MAIL FROM domain is invalid: invalid internationalized name',
             id="invalid-utf8",
         ),
         pytest.param(b"<alice@sender.test\x00>", "mtls=none", id="nul"),
         pytest.param(b"<" + b"a" * 100_000 + b"@sender.test>", PASS_VALUE, id="100kB-local"),
         pytest.param(
             b"<a@" + b"b." * 50_000 + b"test>",
-            'mtls=none reason="MAIL FROM domain is invalid: domain longer than 253',
+            'mtls=none reason="MAIL FROM domain is invalid: name longer than 253',
             id="100kB-domain",
         ),
     ],
@@ -903,11 +903,19 @@ def test_client_mx_lookup_starts_at_mail_from(make: Factory, zone: TestDnsServer
     assert zone.queries.count(("sender.test", 265)) == 1  # eom reused the answer
 
 
-def test_no_prefetch_without_tls_or_domain(make: Factory, zone: TestDnsServer) -> None:
+def test_prefetch_without_tls_but_not_without_domain(make: Factory, zone: TestDnsServer) -> None:
+    # Without TLS the Client MX answer still decides: an opted-in domain's plain text fails.
     conv = make.started()
-    assert conv.message("<alice@sender.test>", {}) == ACCEPT
     assert conv.message("<>", POSTFIX_TRUSTED) == ACCEPT
     assert zone.queries == []
+    assert conv.mail("<alice@sender.test>", {}) == CONTINUE
+    deadline = time.monotonic() + 2.0
+    while ("sender.test", 265) not in zone.queries and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert ("sender.test", 265) in zone.queries  # at MAIL FROM, before end of message
+    assert conv.eom() == ACCEPT
+    assert 'mtls=fail reason="no TLS"' in conv.header_value()
+    assert zone.queries.count(("sender.test", 265)) == 1  # eom reused the answer
 
 
 @pytest.mark.parametrize("cache_size", [10_000, 0])

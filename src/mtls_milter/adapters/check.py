@@ -1,4 +1,4 @@
-"""``mtls-milter check``: evaluate one case offline and explain the result (SPEC §9)."""
+"""``mtls-milter check``: evaluate one case offline and explain the result."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from mtls_milter.core.clock import Clock, FixedClock, SystemClock
 from mtls_milter.core.evaluate import Transaction, Verdict
 from mtls_milter.core.evidence import Evidence, chain_evidence, mta_evidence
 from mtls_milter.core.header import render_field
+from mtls_milter.core.quote import quote
 from mtls_milter.engine import Engine
+from mtls_milter.errors import InputError
 
-
-class InputError(Exception):
-    """Unusable arguments or unreadable input files; the message is one line."""
+__all__ = ["InputError", "add_parser", "explain", "run"]  # probe and acme raise InputError too
 
 
 def add_parser(commands: Any) -> None:
@@ -123,7 +123,7 @@ def _clock(at: str | None) -> Clock:
     try:
         instant = datetime.fromisoformat(at)
     except ValueError:
-        raise InputError(f"--at {at!r} is not an ISO-8601 date/time") from None
+        raise InputError(f"--at {quote(at)} is not an ISO-8601 date/time") from None
     if instant.tzinfo is None:
         instant = instant.replace(tzinfo=UTC)
     return FixedClock(instant)

@@ -1,12 +1,12 @@
-"""Evaluate one transaction: evidence + MAIL FROM + DNS answers + clock → a verdict (SPEC §4).
+"""Evaluate one transaction: evidence + MAIL FROM + DNS answers + clock → a verdict.
 
 This is the pure heart of the product. It performs no I/O of its own: DNS goes through the
 injected resolver, chain validation through the injected validator, time through the clock.
+docs/design.md ("Result table", "Evidence model") states the rules this module implements.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -18,12 +18,14 @@ from mtls_milter.core.dns import HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.evidence import CertPresence, Evidence, EvidenceKind
 from mtls_milter.core.header import MtlsField
 from mtls_milter.core.names import SenderKind, normalize_domain, parse_mail_from
+from mtls_milter.core.quote import clip, quote
+from mtls_milter.errors import InputError
 
 MAX_COMMENT_NAMES = 5
 
 
 class Result(StrEnum):
-    """The mtls method results (SPEC §4)."""
+    """The mtls method results (RFC 8601 result names)."""
 
     PASS = "pass"
     FAIL = "fail"
@@ -96,7 +98,7 @@ class Transaction:
 
 @dataclass(frozen=True, slots=True)
 class _Names:
-    """Host names from one kind of evidence."""
+    """The host names of the evidence a verdict rests on."""
 
     kind: EvidenceKind
     names: tuple[str, ...]
@@ -110,44 +112,40 @@ def evaluate(
     validator: ChainValidator,
     clock: Clock,
 ) -> Verdict:
-    """Compute the mtls result of one transaction (SPEC §4)."""
+    """Compute the mtls result of one transaction (the table in docs/design.md).
+
+    Client MX is looked up whatever the TLS facts: whether a session without TLS is ``none``
+    or ``fail`` depends on whether the domain opted in. Raises only on internal errors (a bug,
+    or a collaborator that failed); :meth:`mtls_milter.engine.Engine.evaluate` maps those.
+    """
     domain, identity, early = _identity(transaction, config)
     if early is not None:
         return early
-    if not evidence.session.tls:
-        return Verdict(Result.NONE, "no TLS", domain, identity)
     started = clock.monotonic()
     lookup = resolver.client_mx(domain, config.dns.budget)
     base = Verdict(Result.NONE, "", domain, identity, hosts=lookup.hosts)
     if lookup.status is LookupStatus.TEMPFAIL:
-        return replace(
-            base, result=Result.TEMPERROR, reason=f"Client MX lookup failed: {lookup.detail}"
-        )
+        reason = f"Client MX lookup failed: {clip(lookup.detail)}"
+        return replace(base, result=Result.TEMPERROR, reason=reason)
     if lookup.status is LookupStatus.PERMFAIL:
-        return replace(
-            base,
-            result=Result.PERMERROR,
-            reason=f"Client MX unusable: {lookup.detail.removeprefix('Client MX ')}",
-        )
+        reason = f"Client MX unusable: {clip(lookup.detail.removeprefix('Client MX '))}"
+        return replace(base, result=Result.PERMERROR, reason=reason)
     if lookup.status is LookupStatus.NOT_FOUND:
         remaining = config.dns.budget - (clock.monotonic() - started)
         return _not_opted_in(base, evidence, config, resolver, validator, clock, remaining)
     if lookup.null:
+        reason = f"{domain} publishes a null Client MX: no host may send"
+        return replace(base, result=Result.FAIL, reason=reason)
+    candidate = _candidate_names(evidence, validator, clock)
+    if isinstance(candidate, _Problem):
         return replace(
             base,
             result=Result.FAIL,
-            reason=f"{domain} publishes a null Client MX: no host may send",
+            reason=candidate.reason,
+            evidence=candidate.evidence,
+            names=candidate.names,
         )
-    candidates, problem = _candidate_names(evidence, validator, clock)
-    if problem is not None:
-        return replace(
-            base,
-            result=Result.FAIL,
-            reason=problem.reason,
-            evidence=problem.evidence,
-            names=problem.names,
-        )
-    return _match(base, candidates, lookup, Source.CLIENT_MX, config, on_mismatch=Result.FAIL)
+    return _match(base, candidate, lookup, Source.CLIENT_MX, config, on_mismatch=Result.FAIL)
 
 
 def _identity(transaction: Transaction, config: Config) -> tuple[str, str, Verdict | None]:
@@ -161,13 +159,15 @@ def _identity(transaction: Transaction, config: Config) -> tuple[str, str, Verdi
         return "", "mailfrom", Verdict(Result.NONE, "null sender (MAIL FROM:<>)")
     try:
         return normalize_domain(transaction.helo), "helo", None
-    except ValueError as exc:
-        reason = f"null sender and HELO name {transaction.helo[:80]!r} unusable: {exc}"
+    except InputError as exc:
+        reason = f"null sender and HELO name {quote(transaction.helo)} unusable: {exc}"
         return "", "helo", Verdict(Result.NONE, reason, identity="helo")
 
 
 @dataclass(frozen=True, slots=True)
 class _Problem:
+    """Why there are no host names to compare."""
+
     reason: str
     evidence: EvidenceKind = EvidenceKind.NONE
     names: tuple[str, ...] = ()
@@ -175,63 +175,62 @@ class _Problem:
 
 def _candidate_names(
     evidence: Evidence, validator: ChainValidator, clock: Clock
-) -> tuple[list[_Names], _Problem | None]:
-    """Host names from each usable kind of evidence, strongest first, or why there are none."""
-    candidates: list[_Names] = []
-    chain_problem: _Problem | None = None
+) -> _Names | _Problem:
+    """The host names of the strongest evidence, or why there are none.
+
+    A chain bound to the session is authoritative: when it validates, its names are the only
+    names (the MTA's CN is not tried on its own); when it does not, that is the answer, whatever
+    the MTA concluded.
+    """
+    session = evidence.session
+    if not session.tls:
+        return _Problem("no TLS")
     if evidence.chain:
         verdict = validator.validate_client(evidence.chain, clock.now())
         if verdict.valid:
-            candidates.append(_Names(EvidenceKind.CHAIN, verdict.names))
-        else:
-            reason = f"chain invalid: {verdict.error}"
-            chain_problem = _Problem(reason, EvidenceKind.CHAIN, verdict.names)
-    session = evidence.session
+            return _Names(EvidenceKind.CHAIN, verdict.names)
+        return _Problem(f"chain invalid: {clip(verdict.error)}", EvidenceKind.CHAIN, verdict.names)
     if session.mta_verified:
-        candidates.append(_Names(EvidenceKind.MTA, (session.mta_cn,) if session.mta_cn else ()))
-    if candidates:
-        return candidates, None
-    if chain_problem is not None:
-        return [], chain_problem
+        return _Names(EvidenceKind.MTA, (session.mta_cn,) if session.mta_cn else ())
     if session.certificate is CertPresence.ABSENT:
-        return [], _Problem("no client certificate")
+        return _Problem("no client certificate")
     if session.certificate is CertPresence.PRESENTED:
-        return [], _Problem("certificate not trusted by the MTA and no chain available")
-    return [], _Problem("no client certificate verified by the MTA")
+        return _Problem("certificate not trusted by the MTA and no chain available")
+    return _Problem("no client certificate verified by the MTA")
 
 
 def _match(
     base: Verdict,
-    candidates: Sequence[_Names],
+    candidate: _Names,
     lookup: HostLookup,
     source: Source,
     config: Config,
     *,
     on_mismatch: Result,
 ) -> Verdict:
+    """``pass`` when one of the candidate names matches a published host, else ``on_mismatch``."""
     wildcards = config.tls.allow_wildcards
-    for candidate in candidates:
-        for host in lookup.hosts:
-            for name in candidate.names:
-                if name_matches(name, host, allow_wildcards=wildcards):
-                    reason = f"certificate name {name} matches {source} host {host}"
-                    return replace(
-                        base,
-                        result=Result.PASS,
-                        reason=reason,
-                        evidence=candidate.kind,
-                        names=candidate.names,
-                        matched=host,
-                        source=source.value,
-                    )
-    strongest = candidates[0]
-    if not strongest.names:
-        reason = "the MTA-verified certificate has no usable CN and no chain is available"
-    else:
+    for host in lookup.hosts:
+        for name in candidate.names:
+            if name_matches(name, host, allow_wildcards=wildcards):
+                return replace(
+                    base,
+                    result=Result.PASS,
+                    reason=f"certificate name {name} matches {source} host {host}",
+                    evidence=candidate.kind,
+                    names=candidate.names,
+                    matched=host,
+                    source=source.value,
+                )
+    if candidate.names:
         what = "Client MX" if source is Source.CLIENT_MX else "MX"
         reason = f"no certificate name matches {what}"
+    elif candidate.kind is EvidenceKind.CHAIN:
+        reason = "the certificate has no usable host name"
+    else:
+        reason = "the MTA-verified certificate has no usable CN and no chain is available"
     return replace(
-        base, result=on_mismatch, reason=reason, evidence=strongest.kind, names=strongest.names
+        base, result=on_mismatch, reason=reason, evidence=candidate.kind, names=candidate.names
     )
 
 
@@ -244,21 +243,24 @@ def _not_opted_in(
     clock: Clock,
     budget: float,
 ) -> Verdict:
-    """``none``, unless the server-MX fallback finds a match (SPEC §4)."""
+    """``none``, unless the server-MX fallback finds a match; never ``fail``."""
     not_published = f"{base.domain} does not publish Client MX"
     if not config.policy.server_mx_fallback:
-        return replace(base, reason=not_published)
-    candidates, problem = _candidate_names(evidence, validator, clock)
-    if problem is not None:
-        return replace(base, reason=f"{not_published}; {problem.reason}", evidence=problem.evidence)
+        tls_note = "" if evidence.session.tls else "; no TLS"
+        return replace(base, reason=not_published + tls_note)
+    candidate = _candidate_names(evidence, validator, clock)
+    if isinstance(candidate, _Problem):
+        reason = f"{not_published}; {candidate.reason}"
+        return replace(base, reason=reason, evidence=candidate.evidence)
     lookup = resolver.server_mx(base.domain, budget)
     base = replace(base, hosts=lookup.hosts)
     if lookup.status is LookupStatus.TEMPFAIL:
-        return replace(base, result=Result.TEMPERROR, reason=f"MX lookup failed: {lookup.detail}")
+        reason = f"MX lookup failed: {clip(lookup.detail)}"
+        return replace(base, result=Result.TEMPERROR, reason=reason)
     if lookup.status is not LookupStatus.OK or lookup.null:
-        detail = lookup.detail or "null MX"
+        detail = clip(lookup.detail) if lookup.detail else "null MX"
         return replace(base, reason=f"{not_published}; no usable MX ({detail})")
-    verdict = _match(base, candidates, lookup, Source.SERVER_MX, config, on_mismatch=Result.NONE)
+    verdict = _match(base, candidate, lookup, Source.SERVER_MX, config, on_mismatch=Result.NONE)
     if verdict.result is Result.NONE:
         return replace(verdict, reason=f"{not_published}; {verdict.reason}")
     return verdict
