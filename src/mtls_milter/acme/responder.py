@@ -6,7 +6,9 @@ challenge prefix followed by a token of base64url characters, so ``..``, ``%2F``
 backslashes, query strings and absolute paths can never reach the file system. The file must be
 a regular file whose real path (symlinks resolved) lies inside DIR, at most :data:`MAX_FILE`
 bytes. Requests are bounded (head at most :data:`MAX_REQUEST` bytes, read within a timeout, one
-request per connection, a cap on concurrent connections) and each is logged in one line.
+request per connection, caps on concurrent connections in total and per client address) and each
+is logged in one line; connections refused over a cap get a 503 and, all together, at most one
+log line per 10 s, as does running out of file descriptors (docs/security.md).
 
 An asyncio server: :class:`Responder` for the CLI (``mtls-milter acme respond``) and
 :class:`ResponderThread` to run one in a background thread (tests, embedding).
@@ -29,6 +31,7 @@ from types import TracebackType
 
 from mtls_milter.acme.keyauth import is_token
 from mtls_milter.acme.validator import CHALLENGE_PATH
+from mtls_milter.adapters.stream_service import ConnectionLimits, guard_accept_errors, peer_identity
 
 __all__ = [
     "MAX_FILE",
@@ -45,6 +48,8 @@ MAX_REQUEST = 8192  # request line + headers
 MAX_FILE = 8192  # a key authorization is ~90 bytes
 READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 256
+MAX_PER_PEER = 32  # a CA validates from a handful of addresses, one request each
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 SERVER = "mtls-milter-acme-responder"
 _REASONS = {
     200: "OK",
@@ -125,6 +130,7 @@ class Responder:
         *,
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_peer: int = MAX_PER_PEER,
         optional: Sequence[tuple[str, int]] = (),
     ) -> None:
         """``optional`` listeners are skipped with a warning when their address is unusable."""
@@ -132,14 +138,14 @@ class Responder:
         self._listen = list(listen)
         self._optional = list(optional)
         self._read_timeout = read_timeout
-        self._max_connections = max_connections
-        self._active = 0
+        self.limits = ConnectionLimits(log, max_connections, max_per_peer)
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.addresses: list[tuple[str, int]] = []
 
     async def start(self) -> list[tuple[str, int]]:
         """Bind every listener; return the bound (host, port) pairs. OSError if one fails."""
+        guard_accept_errors(asyncio.get_running_loop(), log)
         for (host, port), optional in [(a, False) for a in self._listen] + [
             (a, True) for a in self._optional
         ]:
@@ -187,16 +193,15 @@ class Responder:
     # -- one connection, one request -------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer_info = writer.get_extra_info("peername")
-        peer = str(peer_info[0]) if peer_info else "-"
+        peer = peer_identity(writer)
+        if not self.limits.admit(peer):  # logged there, rate-limited: not one line per refusal
+            writer.write(BUSY)
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        self._active += 1
         try:
-            if self._active > self._max_connections:
-                await self._reply(writer, peer, _Request(), 503, b"busy\n", "too many connections")
-                return
             try:
                 head = await asyncio.wait_for(
                     reader.readuntil(b"\r\n\r\n"), timeout=self._read_timeout
@@ -226,7 +231,7 @@ class Responder:
         except Exception as exc:  # one bad connection never stops the server
             log.warning("%s: internal error: %s: %s", peer, type(exc).__name__, exc)
         finally:
-            self._active -= 1
+            self.limits.release(peer)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), timeout=self._read_timeout)
