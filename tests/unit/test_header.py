@@ -384,6 +384,15 @@ def test_fields_to_delete_our_id_normalized() -> None:
     assert fields_to_delete([value], "other.example") == []
 
 
+@pytest.mark.parametrize(
+    "claimed",
+    ["mx.exämple.net", "MX.EXÄMPLE.NET", "mx.xn--exmple-cua.net", "MX.XN--EXMPLE-CUA.NET."],
+)
+def test_forged_field_with_an_idn_authserv_id_in_any_spelling_is_deleted(claimed: str) -> None:
+    assert fields_to_delete([f"{claimed}; mtls=pass"], "MX.Exämple.NET") == [1]
+    assert fields_to_delete([f"{claimed}/1234; mtls=pass"], "mx.xn--exmple-cua.net") == [1]
+
+
 def test_fields_to_delete_no_fields() -> None:
     assert fields_to_delete([], ID) == []
 

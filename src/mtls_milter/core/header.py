@@ -249,7 +249,8 @@ def _skip_cfws(value: str, pos: int) -> int:
 
 def _claimed_authserv_id(value: str) -> str | None:
     """Return the authserv-id a field value claims (first token after leading CFWS, or a
-    quoted-string's content), lower-cased and without a "/jobid" suffix; None if none.
+    quoted-string's content), without a "/jobid" suffix, normalized like ours (lower-case, an
+    IDN as A-labels); None if none.
 
     Where authres parses a value, this equals its ``authserv_id`` (before the "/" cut)."""
     pos = _skip_cfws(value, 0)
@@ -272,8 +273,11 @@ def _claimed_authserv_id(value: str) -> str | None:
         while end < len(value) and value[end] not in ";(" and not value[end].isspace():
             end += 1
         token = value[pos:end]
-    token = token.split("/", 1)[0].lower()
-    return token or None
+    token = token.split("/", 1)[0]
+    try:  # a host name in any spelling (upper case, U-labels) compares as ours does
+        return normalize_host(token, underscores=True)
+    except InputError:
+        return token.lower() or None
 
 
 def _carries_mtls(value: str) -> bool:
