@@ -22,7 +22,7 @@ from mtls_milter.testing.dnsserver import TestDnsServer
 
 CLIENT_MX = 265
 SETTINGS = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _names = itertools.count()
@@ -128,7 +128,9 @@ def test_mx_wire_round_trips(
     assert result.hosts == tuple(sorted(best, key=lambda h: (best[h], h)))
 
 
-@SETTINGS
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.integers(0, 65535),
     st.lists(host_name, min_size=MAX_HOSTS + 1, max_size=MAX_HOSTS + 5, unique=True),

@@ -26,7 +26,7 @@ from mtls_milter.core.evidence import (
 )
 from mtls_milter.core.quote import MAX_QUOTE
 
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = settings(max_examples=150, deadline=None)
 
 MACRO_NAMES = (
     "{tls_version}",

@@ -31,7 +31,7 @@ from mtls_milter.core.header import (
     sanitize_reason,
 )
 
-SETTINGS = settings(max_examples=150, deadline=None)
+SETTINGS = settings(max_examples=120, deadline=None)
 PRINTABLE = re.compile(r"[ -~]*")
 
 hostile = st.one_of(

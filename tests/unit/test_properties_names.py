@@ -17,7 +17,7 @@ from mtls_milter.core.dns import query_name
 from mtls_milter.core.names import SenderKind, normalize_domain, parse_mail_from
 from mtls_milter.core.quote import MAX_QUOTE, clip, quote
 
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = settings(max_examples=150, deadline=None)
 
 LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 PRINTABLE = re.compile(r"[ -~]*")
