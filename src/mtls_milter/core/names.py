@@ -26,9 +26,10 @@ _MAX_SPELLING = 4 * MAX_NAME_LENGTH
 _LDH_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _UNDERSCORE_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _LABELS = {False: re.compile(_LDH_LABEL), True: re.compile(_UNDERSCORE_LABEL)}
+# The fast whole-name check; _is_host adds the hyphen rule (no label starts or ends with "-").
 _NAMES = {
-    False: re.compile(rf"(?:{_LDH_LABEL}\.)*{_LDH_LABEL}"),
-    True: re.compile(rf"(?:{_UNDERSCORE_LABEL}\.)*{_UNDERSCORE_LABEL}"),
+    False: re.compile(r"[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})*"),
+    True: re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*"),
 }
 
 
@@ -52,11 +53,23 @@ def normalize_host(name: str, *, underscores: bool = False) -> str:
                 f"invalid internationalized name {quote(text)}: {_idna_why(exc)}"
             ) from None
     text = text.lower()
-    if len(text) > MAX_NAME_LENGTH or not _NAMES[underscores].fullmatch(text):
+    if not _is_host(text, underscores):
         raise InputError(_why_not_a_host(text, underscores))
     if "xn--" in text:
         _check_a_labels(text)
     return text
+
+
+def _is_host(text: str, underscores: bool) -> bool:
+    """Is lower-case ``text`` a host name (labels of 1-63 LDH characters, at most 253 in all)?"""
+    return (
+        len(text) <= MAX_NAME_LENGTH
+        and _NAMES[underscores].fullmatch(text) is not None
+        and text[0] != "-"
+        and text[-1] != "-"
+        and ".-" not in text
+        and "-." not in text
+    )
 
 
 def _check_a_labels(text: str) -> None:
