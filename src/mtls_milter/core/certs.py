@@ -475,6 +475,20 @@ _EECallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage], None]
 _CACallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage | None], None]
 
 
+def _ee_san_check(
+    _policy: Policy, cert: x509.Certificate, san: x509.SubjectAlternativeName | None
+) -> None:
+    """The Web PKI's SAN criticality rule, kept while the SAN itself becomes optional (RFC 5280
+    4.2.1.6: critical exactly when the subject is empty)."""
+    if san is None:
+        return
+    critical = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
+    if len(cert.subject) == 0 and not critical:
+        raise _PolicyError("subjectAltName must be critical when the subject is empty")
+    if len(cert.subject) and critical:
+        raise _PolicyError("subjectAltName must not be critical when the subject is not empty")
+
+
 def _ee_eku_check(wanted: frozenset[ObjectIdentifier]) -> _EECallback:
     def check(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
         if not wanted.intersection(eku):
@@ -505,7 +519,10 @@ def _ca_check(
 
 
 def _utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    """``at`` in UTC (naive means UTC), in whole seconds: X.509 validity times have no fractions
+    (RFC 5280 4.1.2.5) and cryptography compares in seconds, so our own time checks must too."""
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return at.replace(microsecond=0)
 
 
 def _iso(t: datetime) -> str:
@@ -672,7 +689,7 @@ class ChainValidator:
         A CN-only leaf is allowed (names then come from the CN, see the module docstring).
         """
         ee_base = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+            x509.SubjectAlternativeName, Criticality.AGNOSTIC, _ee_san_check
         )
         ca_base = ExtensionPolicy.webpki_defaults_ca()
 
@@ -743,7 +760,7 @@ class ChainValidator:
     def _validate_client(
         self, presented: Sequence[x509.Certificate], at: datetime
     ) -> tuple[ChainVerdict, datetime, datetime]:
-        certs = list({c.fingerprint(hashes.SHA256()): c for c in presented}.values())
+        certs = list({_sha256(c): c for c in presented}.values())  # memoized: cache key too
         leaf_index = _pick_leaf(certs)
         leaf = certs[leaf_index]
         others = certs[:leaf_index] + certs[leaf_index + 1 :]

@@ -1,4 +1,4 @@
-"""The key policy: which public keys a validated chain may hold, and the reason naming a bad one.
+"""The validation policy on top of the Web PKI: keys, and the profile details of client chains.
 
 Leaf, intermediate and trust-anchor keys must be RSA of at least ``[tls] min_rsa_bits`` bits (a
 whole number of bytes, an odd exponent of at least 65537) or ECDSA on P-256/P-384/P-521; a leaf
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -282,3 +282,67 @@ def test_unloadable_key_is_named_not_raised(pki: TestPki, validator: ChainValida
     assert key_problem(bad, "leaf", 2048) == expected
     _check(_client(validator, (bad, pki.intermediate.cert)), expected)
     _check(_server(validator, (bad, pki.intermediate.cert)), expected)
+
+
+# -- Web PKI details the client profile keeps ------------------------------------------------
+
+
+def _leaf(
+    pki: TestPki, *, cn: str | None, san_critical: bool, not_after: datetime
+) -> x509.Certificate:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(pki.intermediate.cert.subject)
+        .public_key(pki.leaves["both"].cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(pki.now - timedelta(days=1))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(H)]), critical=san_critical)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.intermediate.key.public_key()),
+            critical=False,
+        )
+        .sign(pki.intermediate.key, hashes.SHA256())
+    )
+
+
+@pytest.mark.parametrize(
+    ("cn", "critical", "expected"),
+    [
+        (H, False, OK),
+        (None, True, OK),
+        (H, True, "subjectAltName must not be critical when the subject is not empty"),
+        (None, False, "subjectAltName must be critical when the subject is empty"),
+    ],
+)
+def test_client_profile_keeps_the_san_criticality_rule(
+    pki: TestPki, validator: ChainValidator, cn: str | None, critical: bool, expected: str
+) -> None:
+    leaf = _leaf(pki, cn=cn, san_critical=critical, not_after=pki.now + timedelta(days=30))
+    chain = (leaf, pki.intermediate.cert)
+    _check(_client(validator, chain), expected)
+    assert _server(validator, chain).valid is (expected == OK)
+
+
+@BOTH_MODES
+def test_validity_is_compared_in_whole_seconds(
+    pki: TestPki, trust_anchors: TrustAnchors, validate: Validate
+) -> None:
+    """Valid during the whole second of notAfter (RFC 5280 times have no fractions)."""
+    end = (pki.now + timedelta(days=30)).replace(microsecond=0)
+    chain = (_leaf(pki, cn=H, san_critical=False, not_after=end), pki.intermediate.cert)
+    validator = ChainValidator(trust_anchors, cache_size=0)
+    assert validate_at(validate, validator, chain, end + timedelta(milliseconds=999)).valid
+    late = validate_at(validate, validator, chain, end + timedelta(seconds=1))
+    assert late.error == f"certificate expired at {end:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def validate_at(
+    validate: Validate, validator: ChainValidator, chain: tuple[x509.Certificate, ...], at: datetime
+) -> ChainVerdict:
+    if validate is _client:
+        return validator.validate_client(chain, at)
+    return validator.validate_server(chain, at, H)
