@@ -22,6 +22,7 @@ from mtls_milter.core.dns import (
     HostLookup,
     LookupStatus,
     MxResolver,
+    query_name,
 )
 from mtls_milter.testing.dnsserver import TestDnsServer
 
@@ -823,3 +824,12 @@ def test_check_reason_for_junk_rdata_is_short(
     assert report["result"] == "permerror"
     assert len(report["reason"]) <= 300, report["reason"]
     assert len(report["header"]) <= 600, report["header"]
+
+
+@pytest.mark.parametrize(
+    ("spelling", "queried"),
+    [("faß.example", "xn--fa-hia.example"), ("Bücher.Example.", "xn--bcher-kva.example")],
+)
+def test_query_name_uses_the_one_idna_2008_rule(spelling: str, queried: str) -> None:
+    """IDNA 2003 would query "fass.example": not the name a certificate carries for faß."""
+    assert query_name(spelling) == queried

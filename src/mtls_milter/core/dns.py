@@ -42,6 +42,7 @@ from mtls_milter.core.dnstransport import (
     describe_timeout,
 )
 from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata, exchange_text
+from mtls_milter.core.names import normalize_host
 from mtls_milter.core.quote import clip, quote
 
 if TYPE_CHECKING:
@@ -120,12 +121,9 @@ def query_name(domain: str) -> str:
     """
     name = domain[:-1] if domain.endswith(".") else domain
     if not name.isascii():
-        try:
-            name = dns.name.from_unicode(name).to_text(omit_final_dot=True)
-        except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
-            raise ValueError(
-                f"{quote(domain)} is not a valid internationalized domain name"
-            ) from exc
+        # The product's one IDN rule (UTS #46 + IDNA 2008), not dnspython's IDNA 2003 default:
+        # "faß.example" must be looked up as the name a certificate would carry for it.
+        name = normalize_host(name, underscores=True)
     name = name.lower()
     if len(name) <= 253 and _VALID_NAME.fullmatch(name):
         return name  # the fast path of every warm lookup: one regex, no loop
