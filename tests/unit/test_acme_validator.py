@@ -505,3 +505,15 @@ def test_redirect_to_the_same_host_stays_on_the_address_under_test(
     assert result.reason.startswith(f"mx.same.test: {MX2}: HTTP 404 from {moved}")
     statuses = {a.address: a.status for a in result.hosts[0].addresses}
     assert statuses == {MX1: Status.VALID, MX2: Status.INVALID}
+
+
+def test_more_mx_hosts_than_the_cap_are_refused_without_fetching(
+    mx_hosts: MxHosts, acme_account: Account, acme_token: str
+) -> None:
+    """RFC 5321 sets no MX limit; every host costs the CA fetches, so the validator caps them."""
+    names = [f"{i} mx{i}.many.test." for i in range(1, 41)]
+    mx_hosts.dns.add("many.test", "MX", *names)
+    result = mx_hosts.validate(SERVER, "many.test", acme_token, acme_account.thumbprint)
+    assert result.status is Status.INVALID
+    assert result.reason == "many.test publishes 40 MX hosts; this validator checks at most 32"
+    assert result.hosts == ()

@@ -96,6 +96,9 @@ class ValidatorPolicy:
     all_addresses: bool = True  # every address of every host must answer (else: any address)
     public_only: bool = False  # refuse non-global addresses (loopback, RFC 1918, ...)
     max_parallel: int = 16
+    # Every host must answer, so each one costs the CA fetches. Client MX never has more than
+    # 10 hosts; ordinary MX has no limit in RFC 5321, so a domain could name thousands.
+    max_hosts: int = 32
 
     @property
     def redirect_ports(self) -> frozenset[int]:
@@ -273,6 +276,13 @@ class _Validation:
                 "answer for it",
                 Problem.UNAUTHORIZED,
                 null_mx=True,
+            )
+        if len(lookup.hosts) > self.policy.max_hosts:
+            return self.result(
+                Status.INVALID,
+                f"{self.domain} publishes {len(lookup.hosts)} {record} hosts; this validator "
+                f"checks at most {self.policy.max_hosts}",
+                Problem.UNAUTHORIZED,
             )
         hosts = self.check_hosts(lookup)
         return self.combine(lookup, hosts)
