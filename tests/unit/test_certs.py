@@ -178,6 +178,22 @@ def test_validate_client_leaves_internal_errors_to_the_engine(validator: ChainVa
         validator.validate_client(["not a certificate"], now())  # type: ignore[list-item]
 
 
+class _BuggyCaCheck(ChainValidator):
+    """A validator whose CA key check has a bug (cryptography runs it as a callback)."""
+
+    def _ca_key_problem(self, cert: x509.Certificate) -> str:
+        raise KeyError("bug")
+
+
+def test_bug_inside_a_validation_callback_is_no_verdict_on_the_chain(
+    pki: TestPki, trust_anchors: TrustAnchors
+) -> None:
+    # cryptography wraps callback exceptions into a verification error: without re-raising
+    # them, a bug would read as "chain invalid" and so as fail instead of temperror.
+    with pytest.raises(KeyError):
+        _BuggyCaCheck(trust_anchors).validate_client(pki.leaves["both"].chain, now())
+
+
 def test_naive_time_is_utc(pki: TestPki, validator: ChainValidator) -> None:
     naive = datetime.now(UTC).replace(tzinfo=None)
     assert validator.validate_client(pki.leaves["both"].chain, naive).valid

@@ -49,9 +49,11 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -460,6 +462,39 @@ class _PolicyError(ValueError):
     """Raised by our extension callbacks; the message becomes the verdict's error."""
 
 
+# cryptography turns any exception raised inside an extension callback into a verification
+# error, so a bug in a callback would read as "chain invalid" (and so as ``fail``). Callbacks
+# park such an exception here; the caller re-raises it after verify() as the internal error it
+# is. A ContextVar, because several threads validate at once.
+_CALLBACK_BUG: ContextVar[BaseException | None] = ContextVar("_CALLBACK_BUG", default=None)
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _policy_callback(check: _F) -> _F:
+    """Let ``_PolicyError`` through as a policy verdict; park anything else in _CALLBACK_BUG."""
+
+    @functools.wraps(check)
+    def guarded(*args: Any) -> None:
+        try:
+            check(*args)
+        except _PolicyError:
+            raise
+        except Exception as exc:
+            _CALLBACK_BUG.set(exc)
+            raise _PolicyError("internal error in a validation callback") from exc
+
+    return cast(_F, guarded)
+
+
+def _raise_parked_bug() -> None:
+    """Re-raise an exception a callback parked during the last verify() of this context."""
+    bug = _CALLBACK_BUG.get()
+    if bug is not None:
+        _CALLBACK_BUG.set(None)
+        raise bug
+
+
 def _ekus(cert: x509.Certificate) -> frozenset[ObjectIdentifier] | None:
     try:
         return frozenset(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
@@ -475,6 +510,7 @@ _EECallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage], None]
 _CACallback = Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage | None], None]
 
 
+@_policy_callback
 def _ee_san_check(
     _policy: Policy, cert: x509.Certificate, san: x509.SubjectAlternativeName | None
 ) -> None:
@@ -490,6 +526,7 @@ def _ee_san_check(
 
 
 def _ee_eku_check(wanted: frozenset[ObjectIdentifier]) -> _EECallback:
+    @_policy_callback
     def check(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
         if not wanted.intersection(eku):
             raise _PolicyError(f"EKU lacks {_purpose_text(wanted)}")
@@ -506,6 +543,7 @@ def _ca_check(
     intermediate does not hide a good one. An empty ``purposes`` means no EKU requirement.
     """
 
+    @_policy_callback
     def check(_policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
         problem = ca_key_problem(cert)
         if problem:
@@ -792,9 +830,11 @@ class ChainValidator:
             .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
             .build_client_verifier()
         )
+        _CALLBACK_BUG.set(None)
         try:
             built = verifier.verify(leaf, others).chain
         except Exception as exc:
+            _raise_parked_bug()
             message = str(exc)
             if "not valid at validation time" in message:
                 return fail(_time_error(certs, at) or "a CA certificate is not valid at this time")
