@@ -258,8 +258,10 @@ def test_macro_packet_with_an_odd_number_of_strings(
 ) -> None:
     with MilterDaemon(tmp_path, _config(dns, transport)) as daemon:
         for _ in range(3):
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                with MilterClient.connect(address(daemon), timeout=5.0) as client:
-                    _odd_macro_conversation(client)
-                    client.is_closed_by_peer(0.2)  # give a crash the time to happen
+            with (
+                contextlib.suppress(ConnectionError, TimeoutError),
+                MilterClient.connect(address(daemon), timeout=5.0) as client,
+            ):
+                _odd_macro_conversation(client)
+                client.is_closed_by_peer(0.2)  # give a crash the time to happen
         assert_still_serving(daemon)

@@ -1,11 +1,12 @@
 """Connection limits of the asyncio services: caps in total and per peer, rate-limited warnings,
-and accept() running out of file descriptors (the real EMFILE runs are in
+and accept() running out of file descriptors (simulated here; the real EMFILE runs are in
 tests/e2e/test_resource_limits.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -18,9 +19,10 @@ from hypothesis import strategies as st
 
 from mtls_milter.acme.responder import Responder
 from mtls_milter.adapters.stream_service import (
+    Listener,
     RateLimitedLog,
     StreamService,
-    guard_accept_errors,
+    tcp_listener_sockets,
 )
 
 log = logging.getLogger("test.stream_limits")
@@ -80,28 +82,45 @@ def test_rate_limited_log_bounds_lines_and_loses_no_count(gaps: list[float]) -> 
     assert len(lines) + reported + limited.suppressed == len(gaps)
 
 
-def test_accept_guard_logs_resource_errors_once_and_passes_others_on(
+def test_listener_waits_and_logs_once_when_accept_runs_out_of_descriptors(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    loop = asyncio.new_event_loop()
-    passed: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: passed.append(context))
-    try:
-        guard_accept_errors(loop, log)
-        guard_accept_errors(loop, log)  # a second service on the same loop: no second layer
-        emfile = OSError(errno.EMFILE, "Too many open files")
-        with caplog.at_level(logging.WARNING, logger=log.name):
-            for _ in range(50):
-                loop.call_exception_handler(
-                    {"message": "socket.accept() out of system resource", "exception": emfile}
-                )
-            loop.call_exception_handler({"message": "something else", "exception": emfile})
-    finally:
-        loop.close()
+    """Five EMFILE failures: one log line, a pause after each (no busy loop), then it serves."""
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        real_accept = loop.sock_accept
+        failed_at: list[float] = []
+
+        async def accept(sock: socket.socket) -> tuple[socket.socket, Any]:
+            if len(failed_at) < 5:
+                failed_at.append(loop.time())
+                raise OSError(errno.EMFILE, "Too many open files")
+            return await real_accept(sock)
+
+        loop.sock_accept = accept  # type: ignore[method-assign]
+        served = asyncio.Event()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served.set()
+            writer.close()
+
+        sockets = tcp_listener_sockets("127.0.0.1", 0)
+        listener = Listener(sockets, on_connect, log=RateLimitedLog(log), retry_delay=0.05)
+        _, writer = await asyncio.open_connection(*sockets[0].getsockname())
+        await asyncio.wait_for(served.wait(), 5)
+        writer.close()
+        listener.close()
+        await listener.wait_closed()
+        return failed_at
+
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        failed_at = asyncio.run(main())
+    assert len(failed_at) == 5
+    assert all(b - a >= 0.04 for a, b in itertools.pairwise(failed_at))  # paused each time
     assert [r.getMessage() for r in caplog.records] == [
-        "cannot accept connections: Too many open files; retrying every second"
+        "cannot accept connections: Too many open files; retrying every 0.05 s"
     ]
-    assert [c["message"] for c in passed] == ["something else"]
 
 
 class Echo(StreamService):

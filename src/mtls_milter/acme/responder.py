@@ -31,7 +31,13 @@ from types import TracebackType
 
 from mtls_milter.acme.keyauth import is_token
 from mtls_milter.acme.validator import CHALLENGE_PATH
-from mtls_milter.adapters.stream_service import ConnectionLimits, guard_accept_errors, peer_identity
+from mtls_milter.adapters.stream_service import (
+    ConnectionLimits,
+    Listener,
+    RateLimitedLog,
+    peer_identity,
+    tcp_listener_sockets,
+)
 
 __all__ = [
     "MAX_FILE",
@@ -139,26 +145,25 @@ class Responder:
         self._optional = list(optional)
         self._read_timeout = read_timeout
         self.limits = ConnectionLimits(log, max_connections, max_per_peer)
-        self._servers: list[asyncio.Server] = []
+        self._accept_log = RateLimitedLog(log)
+        self._servers: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.addresses: list[tuple[str, int]] = []
 
     async def start(self) -> list[tuple[str, int]]:
         """Bind every listener; return the bound (host, port) pairs. OSError if one fails."""
-        guard_accept_errors(asyncio.get_running_loop(), log)
         for (host, port), optional in [(a, False) for a in self._listen] + [
             (a, True) for a in self._optional
         ]:
             try:
-                server = await asyncio.start_server(
-                    self._handle, host, port, limit=MAX_REQUEST, reuse_address=True
-                )
+                sockets = tcp_listener_sockets(host, port)
             except OSError as exc:
                 if optional and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     log.warning("not listening on %s:%d: %s", host, port, exc.strerror)
                     continue
                 await self.close()
                 raise
+            server = Listener(sockets, self._handle, log=self._accept_log, limit=MAX_REQUEST)
             self._servers.append(server)
             for sock in server.sockets:
                 bound = sock.getsockname()

@@ -30,7 +30,7 @@ from mtls_milter.core.quote import quote
 from .logsetup import add_log_level_option, configure_logging
 from .netstring import NetstringError, NetstringReader, encode
 from .sdnotify import notify
-from .stream_service import StreamService
+from .stream_service import Listener, StreamService
 
 log = logging.getLogger("mtls_milter.policy_map")
 
@@ -117,7 +117,7 @@ class PolicyMapService(StreamService):
         self.budget = budget
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="policy-map")
 
-    async def listen(self) -> asyncio.Server:
+    async def listen(self) -> Listener:
         """Open the configured socket; StartupError when that is impossible."""
         try:
             return await super().listen()

@@ -7,9 +7,9 @@ Limits (docs/security.md):
 - a cap on open connections in total and per peer (a TCP peer is its IP address; a unix-socket
   peer is its user id, so a local user cannot take the slots of the MTA's user). A connection
   over a cap is closed at once;
-- running out of file descriptors (``EMFILE`` and friends on ``accept``): asyncio stops
-  accepting for a second and retries, so there is no busy loop, and
-  :func:`guard_accept_errors` turns its traceback per retry into one warning per 10 s;
+- running out of file descriptors (``EMFILE`` and friends on ``accept``): the accept loop
+  (:class:`Listener`) waits a second before it tries again — no busy loop — and says so in at
+  most one line per 10 s;
 - both warnings are rate-limited (:class:`RateLimitedLog`): a flood of refused connections
   gives one line per 10 s saying how many were refused meanwhile.
 
@@ -27,18 +27,17 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 STREAM_LIMIT = 2**16  # asyncio's default buffer limit for readuntil/readline
 MAX_CONNECTIONS = 512  # open connections per service
 MAX_PER_PEER = 256  # open connections per peer (IP address or unix user id)
 LOG_INTERVAL = 10.0  # seconds between two lines about the same kind of trouble
-# accept() errors that mean "out of resources", on which asyncio pauses accepting for a second
+LISTEN_BACKLOG = 128  # the kernel's queue of connections not accepted yet
+ACCEPT_RETRY_DELAY = 1.0  # seconds without accept() after it ran out of resources
+# accept() errors that mean "out of resources": wait, then try again
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 
 
 def parse_listen_spec(spec: str) -> tuple[str, str | int, str]:
@@ -138,37 +137,118 @@ class ConnectionLimits:
             del self._peers[peer]
 
 
-def guard_accept_errors(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
-    """Log ``accept()`` running out of resources as one line per 10 s, not a traceback per retry.
+ConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
-    asyncio already stops accepting for a second on such an error and then retries (no busy
-    loop); the connections wait in the listen backlog meanwhile. Other errors go to the handler
-    that was installed before. Installing it twice on a loop is a no-op.
+
+class Listener:
+    """Listening sockets, each with an accept loop handing connections over as streams.
+
+    This replaces ``asyncio.start_server``. On running out of descriptors, asyncio (3.11; fixed
+    upstream later, CPython gh-151615) keeps calling ``accept()`` for the rest of its batch and
+    schedules one retry per failure; the retries multiply and the loop spins at 100 % CPU
+    (measured: 3 s of CPU in 3 s with 100 connections over RLIMIT_NOFILE = 64). Here one failed
+    ``accept()`` logs (rate-limited) and waits :data:`ACCEPT_RETRY_DELAY` seconds; the
+    connections wait in the kernel's listen backlog meanwhile.
     """
-    previous: ExceptionHandler | None = loop.get_exception_handler()
-    if getattr(previous, "accept_guard", False):
-        return
-    limited = RateLimitedLog(log)
 
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        message = str(context.get("message", ""))
-        if (
-            isinstance(exc, OSError)
-            and exc.errno in RESOURCE_ERRNOS
-            and message.startswith("socket.accept()")
-        ):
-            limited.warning(
-                "cannot accept connections: %s; retrying every second", exc.strerror or exc
-            )
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        on_connect: ConnectedCallback,
+        *,
+        log: RateLimitedLog,
+        limit: int = STREAM_LIMIT,
+        retry_delay: float = ACCEPT_RETRY_DELAY,
+    ) -> None:
+        self.sockets = sockets
+        self._on_connect = on_connect
+        self._log = log
+        self._limit = limit
+        self._retry_delay = retry_delay
+        self._serving: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            sock.setblocking(False)
+        self._accepting = [loop.create_task(self._accept_loop(sock)) for sock in sockets]
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets (open connections stay)."""
+        for task in self._accepting:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except (ConnectionAbortedError, InterruptedError):
+                continue  # the client gave up before we took it
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._log.warning(
+                        "cannot accept connections: %s; retrying every %g s",
+                        exc.strerror or exc,
+                        self._retry_delay,
+                    )
+                else:  # not expected on a listening socket; never spin on it
+                    self._log.warning("accept() failed: %s", exc)
+                await asyncio.sleep(self._retry_delay)
+                continue
+            task = loop.create_task(self._serve(conn))
+            self._serving.add(task)  # a reference, so the task is not garbage-collected
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            if conn.family == socket.AF_UNIX:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=self._limit)
+            else:
+                reader, writer = await asyncio.open_connection(sock=conn, limit=self._limit)
+        except OSError:
+            conn.close()
             return
-        if previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
+        await self._on_connect(reader, writer)
 
-    handler.accept_guard = True  # type: ignore[attr-defined]
-    loop.set_exception_handler(handler)
+
+def unix_listener_socket(path: Path, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` (a stale socket there is replaced), chmod ``mode``."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()  # a stale socket from an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def tcp_listener_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening TCP sockets for every address ``host`` resolves to (as asyncio would bind)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class StreamService:
@@ -189,6 +269,7 @@ class StreamService:
         self._socket_mode = socket_mode
         self._log = log
         self.limits = ConnectionLimits(log, max_connections, max_per_peer)
+        self._accept_log = RateLimitedLog(log)
         self._limit = limit
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -198,25 +279,15 @@ class StreamService:
         """Serve one client until it is done."""
         raise NotImplementedError
 
-    async def listen(self) -> asyncio.Server:
+    async def listen(self) -> Listener:
         """Open the socket (a stale unix socket is replaced); OSError/ValueError if impossible."""
         kind, where, host = parse_listen_spec(self.spec)
-        guard_accept_errors(asyncio.get_running_loop(), self._log)
         if kind == "unix":
-            path = Path(str(where))
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()  # a stale socket from an earlier run
-            server = await asyncio.start_unix_server(
-                self._on_connect, path=str(path), limit=self._limit
-            )
-            os.chmod(path, self._socket_mode)
-            return server
-        server = await asyncio.start_server(
-            self._on_connect, host=host, port=int(where), reuse_address=True, limit=self._limit
-        )
-        self.port = int(server.sockets[0].getsockname()[1])
-        return server
+            sockets = [unix_listener_socket(Path(str(where)), self._socket_mode)]
+        else:
+            sockets = tcp_listener_sockets(host, int(where))
+            self.port = int(sockets[0].getsockname()[1])
+        return Listener(sockets, self._on_connect, log=self._accept_log, limit=self._limit)
 
     async def close_connections(self) -> None:
         """Cancel the open connections and wait for them."""

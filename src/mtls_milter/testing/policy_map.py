@@ -11,6 +11,7 @@ from typing import Self
 
 from mtls_milter.adapters.netstring import NetstringReader, encode
 from mtls_milter.adapters.policy_map import PolicyMapService
+from mtls_milter.adapters.stream_service import Listener
 from mtls_milter.config import PolicyMapConfig
 from mtls_milter.core.dns import MxResolver
 
@@ -33,12 +34,12 @@ class PolicyMapController:
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
+        self._server: Listener | None = None
 
     def start(self) -> Self:
         """Open the socket and serve."""
         self._thread.start()
-        future: Future[asyncio.Server] = asyncio.run_coroutine_threadsafe(
+        future: Future[Listener] = asyncio.run_coroutine_threadsafe(
             self.service.listen(), self._loop
         )
         self._server = future.result(10)
