@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from mtls_milter.acme.responder import Responder
 from mtls_milter.adapters.stream_service import (
+    ConnectionLimits,
     Listener,
     RateLimitedLog,
     StreamService,
@@ -277,3 +278,31 @@ def test_fd_count_is_not_leaked_by_refusals() -> None:
 
     before, after = asyncio.run(main())
     assert after <= before + 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.sampled_from(["a", "b", "uid 7"])), max_size=100),
+    st.integers(min_value=0, max_value=5),
+    st.integers(min_value=0, max_value=5),
+)
+def test_connection_limits_never_exceed_their_caps(
+    steps: list[tuple[bool, str]], total: int, per_peer: int
+) -> None:
+    """Any sequence of connects and closes: the counts match what was admitted, within caps."""
+    limits = ConnectionLimits(logging.getLogger("test.stream_limits.quiet"), total, per_peer)
+    open_by_peer: dict[str, int] = {}
+    for connect, peer in steps:
+        if connect:
+            full = bool(total and limits.active >= total) or bool(
+                per_peer and open_by_peer.get(peer, 0) >= per_peer
+            )
+            assert limits.admit(peer) == (not full)  # refused exactly when a cap is reached
+            if not full:
+                open_by_peer[peer] = open_by_peer.get(peer, 0) + 1
+        elif open_by_peer.get(peer):
+            limits.release(peer)
+            open_by_peer[peer] -= 1
+        assert limits.active == sum(open_by_peer.values())
+        assert not total or limits.active <= total
+        assert not per_peer or all(n <= per_peer for n in open_by_peer.values())
