@@ -268,6 +268,21 @@ def test_a_failing_handler_costs_a_continue_not_the_server(
     assert "milter handler failed on Helo; answering CONTINUE" in caplog.text
 
 
+def test_handlers_run_inside_a_task(unix_spec: str, caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio.timeout() and friends need a current task: every handler call has one."""
+
+    async def bounded(event: ev.Event) -> None:
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0)
+
+    async def main() -> bytes:
+        async with serving(unix_spec, hook=bounded) as (server, _):
+            return await talk(server, CONVERSATION)
+
+    assert run(main()) == EXPECTED
+    assert "handler failed" not in caplog.text
+
+
 def test_pipelined_headers_without_replies_are_all_delivered(unix_spec: str) -> None:
     """With NR_HDR the MTA streams headers; a slow handler makes the driver pause reading."""
     options = MilterOptions(actions=ActionFlag.ADDHDRS, protocol=ProtocolFlag.NR_HDR)

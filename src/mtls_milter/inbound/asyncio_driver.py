@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from mtls_milter.adapters.stream_service import parse_listen_spec
 from mtls_milter.core.quote import quote
@@ -53,7 +53,8 @@ class MilterHandler(Protocol):
 
         For an event with ``needs_reply`` the answer is the return value (None: CONTINUE); for
         the others it is ignored. :class:`~.events.ConnectionClosed` comes last, exactly once.
-        An exception is logged and answered CONTINUE.
+        An exception is logged and answered CONTINUE. Calls run one at a time in the
+        connection's task; blocking work belongs in ``loop.run_in_executor``.
         """
         ...
 
@@ -187,10 +188,9 @@ class _MilterStream(asyncio.BufferedProtocol):
     # -- asyncio protocol callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         if not self._server.admit(self):
-            transport.abort()
+            self._transport.abort()
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):

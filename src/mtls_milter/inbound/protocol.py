@@ -223,7 +223,7 @@ class MilterConnection:
         if isinstance(event, ev.Connect):
             self.client = event.address.decode("ascii", "replace")
         if we_continue:
-            self._out += CONTINUE.encode()
+            self._out += CONTINUE.wire
         if needs_reply:
             self._awaiting, self._awaiting_command = event, command
         if deliver:
@@ -250,7 +250,7 @@ class MilterConnection:
         agreement = negotiate(self.options, *offered)
         self.agreement = agreement
         self._max_data = agreement.max_data_size
-        self._unwanted = agreement.wanted & sum(STEP_FLAG.values())
+        self._unwanted = agreement.wanted & sum(STEP_FLAG.values())  # NO* flags, plain int
         self._next = skippable_states(agreement.wanted)
         self._out += encode_optneg(*agreement.reply, self.options.macro_lists())
         self._queue(
@@ -292,8 +292,9 @@ class MilterConnection:
         event = self._awaiting
         if event is None:
             raise MilterUsageError("no event awaits an answer")
-        self._check(event, reply)
-        self._out += reply.encode()
+        if reply.needs or reply.action is Action.SKIP:
+            self._check(event, reply)
+        self._out += reply.wire
         self._awaiting = None
         if reply.action is Action.ACCEPT or (
             reply.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD)
@@ -305,7 +306,7 @@ class MilterConnection:
         agreement = self.agreement
         if reply.modifications and not isinstance(event, ev.EndOfMessage):
             raise MilterUsageError(f"modifications only at end of message, not {event!r}")
-        if agreement is not None and reply.required_actions() & ~agreement.actions:
+        if agreement is not None and reply.needs & ~agreement.actions:
             raise MilterUsageError("a modification that was not negotiated")
         if reply.action is Action.SKIP and not (
             isinstance(event, ev.Body)
@@ -346,7 +347,7 @@ class MilterConnection:
             raise MilterUsageError("no event awaits an answer")
         staged = Reply(modifications=modifications)
         self._check(event, staged)
-        self._out += staged.encode()[: -len(CONTINUE.encode())]  # without the final CONTINUE
+        self._out += staged.wire[: -len(CONTINUE.wire)]  # without the final CONTINUE
 
     def add_header(self, name: str | bytes, value: str | bytes) -> None:
         self.modify(AddHeader(name, value))

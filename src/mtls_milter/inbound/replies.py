@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .wire import (
@@ -136,14 +136,26 @@ class Reply:
     action: Action = Action.CONTINUE
     smtp: SmtpReply | None = None  # REJECT/TEMPFAIL only, class matching the action
     modifications: tuple[Modification, ...] = ()  # end of message only, sent before the action
+    wire: bytes = field(init=False, repr=False, compare=False)  # every frame, in order
+    needs: int = field(init=False, repr=False, compare=False)  # SMFIF_* the modifications need
 
     def __post_init__(self) -> None:
         if self.smtp is not None:
             wanted = {Action.REJECT: "5", Action.TEMPFAIL: "4"}.get(self.action)
             if wanted != self.smtp.code[0]:
                 raise ValueError(f"an SMTP reply {self.smtp.code} cannot go with {self.action}")
+        # Encoded once (raising ValueError when something cannot be sent): answers are usually
+        # module constants, so sending one costs a lookup.
+        frames = [encode_modification(m) for m in self.modifications]
+        if self.smtp is not None:
+            frames.append(frame(SMFIR_REPLYCODE, self.smtp.encode() + b"\0"))
+        else:
+            frames.append(frame(self.action.value))
+        object.__setattr__(self, "wire", b"".join(frames))
+        needs = 0
         for modification in self.modifications:
-            encode_modification(modification)  # raises ValueError when it cannot be sent
+            needs |= _FLAG[type(modification)]
+        object.__setattr__(self, "needs", needs)
 
     @classmethod
     def reject(cls, code: str = "550", xcode: str | None = None, text: str = "") -> Reply:
@@ -157,21 +169,9 @@ class Reply:
         plain = code == "451" and xcode is None and not text
         return cls(Action.TEMPFAIL, None if plain else SmtpReply.of(code, xcode, text))
 
-    def required_actions(self) -> int:
-        """The SMFIF_* flags the modifications need."""
-        needed = 0
-        for modification in self.modifications:
-            needed |= _FLAG[type(modification)]
-        return needed
-
     def encode(self) -> bytes:
         """Every frame of this answer, in order."""
-        frames = [encode_modification(m) for m in self.modifications]
-        if self.smtp is not None:
-            frames.append(frame(SMFIR_REPLYCODE, self.smtp.encode() + b"\0"))
-        else:
-            frames.append(_FINAL[self.action])
-        return b"".join(frames)
+        return self.wire
 
 
 CONTINUE = Reply()
@@ -181,7 +181,6 @@ SKIP = Reply(Action.SKIP)
 REJECT = Reply(Action.REJECT)
 TEMPFAIL = Reply(Action.TEMPFAIL)
 
-_FINAL = {action: frame(action.value) for action in Action}
 _FLAG: dict[type, int] = {
     AddHeader: ActionFlag.ADDHDRS,
     InsertHeader: ActionFlag.ADDHDRS,

@@ -7,6 +7,8 @@ send (the "skip" bit that libmilter's ``fix_stm`` sets for NO* protocol flags).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import events as ev
 from .wire import (
     SMFIC_ABORT,
@@ -97,15 +99,15 @@ COMMANDS = {
 
 # Commands answered with a reply, and the NR_* flag that turns that reply off (0: none can).
 NO_REPLY_FLAG = {
-    SMFIC_CONNECT: ProtocolFlag.NR_CONN,
-    SMFIC_HELO: ProtocolFlag.NR_HELO,
-    SMFIC_MAIL: ProtocolFlag.NR_MAIL,
-    SMFIC_RCPT: ProtocolFlag.NR_RCPT,
-    SMFIC_DATA: ProtocolFlag.NR_DATA,
-    SMFIC_UNKNOWN: ProtocolFlag.NR_UNKN,
-    SMFIC_HEADER: ProtocolFlag.NR_HDR,
-    SMFIC_EOH: ProtocolFlag.NR_EOH,
-    SMFIC_BODY: ProtocolFlag.NR_BODY,
+    SMFIC_CONNECT: int(ProtocolFlag.NR_CONN),
+    SMFIC_HELO: int(ProtocolFlag.NR_HELO),
+    SMFIC_MAIL: int(ProtocolFlag.NR_MAIL),
+    SMFIC_RCPT: int(ProtocolFlag.NR_RCPT),
+    SMFIC_DATA: int(ProtocolFlag.NR_DATA),
+    SMFIC_UNKNOWN: int(ProtocolFlag.NR_UNKN),
+    SMFIC_HEADER: int(ProtocolFlag.NR_HDR),
+    SMFIC_EOH: int(ProtocolFlag.NR_EOH),
+    SMFIC_BODY: int(ProtocolFlag.NR_BODY),
     SMFIC_BODYEOB: 0,
 }
 
@@ -121,28 +123,28 @@ CLEARS_FROM = {
 KEEPS_STATE = frozenset((SMFIC_RCPT, SMFIC_UNKNOWN))
 # What a step we asked not to get means, when an MTA sends it anyway: answered CONTINUE by us.
 STEP_FLAG = {
-    SMFIC_CONNECT: ProtocolFlag.NOCONNECT,
-    SMFIC_HELO: ProtocolFlag.NOHELO,
-    SMFIC_MAIL: ProtocolFlag.NOMAIL,
-    SMFIC_RCPT: ProtocolFlag.NORCPT,
-    SMFIC_BODY: ProtocolFlag.NOBODY,
-    SMFIC_HEADER: ProtocolFlag.NOHDRS,
-    SMFIC_EOH: ProtocolFlag.NOEOH,
-    SMFIC_UNKNOWN: ProtocolFlag.NOUNKNOWN,
-    SMFIC_DATA: ProtocolFlag.NODATA,
+    SMFIC_CONNECT: int(ProtocolFlag.NOCONNECT),
+    SMFIC_HELO: int(ProtocolFlag.NOHELO),
+    SMFIC_MAIL: int(ProtocolFlag.NOMAIL),
+    SMFIC_RCPT: int(ProtocolFlag.NORCPT),
+    SMFIC_BODY: int(ProtocolFlag.NOBODY),
+    SMFIC_HEADER: int(ProtocolFlag.NOHDRS),
+    SMFIC_EOH: int(ProtocolFlag.NOEOH),
+    SMFIC_UNKNOWN: int(ProtocolFlag.NOUNKNOWN),
+    SMFIC_DATA: int(ProtocolFlag.NODATA),
 }
 
 # The state of each step a NO* flag removes.
 _SKIPPED_BY = {
-    ProtocolFlag.NOCONNECT: ST_CONN,
-    ProtocolFlag.NOHELO: ST_HELO,
-    ProtocolFlag.NOMAIL: ST_MAIL,
-    ProtocolFlag.NORCPT: ST_RCPT,
-    ProtocolFlag.NOHDRS: ST_HDRS,
-    ProtocolFlag.NOEOH: ST_EOHS,
-    ProtocolFlag.NOBODY: ST_BODY,
-    ProtocolFlag.NODATA: ST_DATA,
-    ProtocolFlag.NOUNKNOWN: ST_UNKN,
+    int(ProtocolFlag.NOCONNECT): ST_CONN,
+    int(ProtocolFlag.NOHELO): ST_HELO,
+    int(ProtocolFlag.NOMAIL): ST_MAIL,
+    int(ProtocolFlag.NORCPT): ST_RCPT,
+    int(ProtocolFlag.NOHDRS): ST_HDRS,
+    int(ProtocolFlag.NOEOH): ST_EOHS,
+    int(ProtocolFlag.NOBODY): ST_BODY,
+    int(ProtocolFlag.NODATA): ST_DATA,
+    int(ProtocolFlag.NOUNKNOWN): ST_UNKN,
 }
 
 
@@ -172,36 +174,52 @@ def in_mail(state: int) -> bool:
 
 
 _NO_PAYLOAD = frozenset((SMFIC_ABORT, SMFIC_DATA, SMFIC_EOH))
+_Parser = Callable[[bytes, ev.Macros, bool], ev.Event]
+
+
+def _connect(payload: bytes, macros: ev.Macros, needs_reply: bool) -> ev.Event:
+    host, family, port, address = decode_connect(payload)
+    return ev.Connect(host, family, port, address, macros=macros, needs_reply=needs_reply)
+
+
+def _envelope(kind: type[ev.MailFrom] | type[ev.Rcpt], what: str) -> _Parser:
+    def parse(payload: bytes, macros: ev.Macros, needs_reply: bool) -> ev.Event:
+        address, *args = strings(payload, what)
+        return kind(address, tuple(args), macros=macros, needs_reply=needs_reply)
+
+    return parse
+
+
+def _header(payload: bytes, macros: ev.Macros, needs_reply: bool) -> ev.Event:
+    name, value = decode_header(payload)
+    return ev.Header(name, value, macros=macros, needs_reply=needs_reply)
+
+
+def _body(payload: bytes, macros: ev.Macros, needs_reply: bool) -> ev.Event:
+    if not payload:
+        raise WireError("empty body chunk")
+    return ev.Body(payload, macros=macros, needs_reply=needs_reply)
+
+
+_PARSERS: dict[int, _Parser] = {
+    SMFIC_CONNECT: _connect,
+    SMFIC_HELO: lambda p, m, r: ev.Helo(one_string(p, "HELO"), macros=m, needs_reply=r),
+    SMFIC_MAIL: _envelope(ev.MailFrom, "MAIL FROM"),
+    SMFIC_RCPT: _envelope(ev.Rcpt, "RCPT TO"),
+    SMFIC_HEADER: _header,
+    SMFIC_BODY: _body,
+    SMFIC_BODYEOB: lambda p, m, r: ev.EndOfMessage(p, macros=m, needs_reply=r),
+    SMFIC_UNKNOWN: lambda p, m, r: ev.Unknown(
+        one_string(p, "unknown command"), macros=m, needs_reply=r
+    ),
+    SMFIC_DATA: lambda p, m, r: ev.Data(macros=m, needs_reply=r),
+    SMFIC_EOH: lambda p, m, r: ev.EndOfHeaders(macros=m, needs_reply=r),
+    SMFIC_ABORT: lambda p, m, r: ev.Abort(macros=m),
+}
 
 
 def parse_event(command: int, payload: bytes, macros: ev.Macros, needs_reply: bool) -> ev.Event:
     """The event for one command (not OPTNEG, QUIT, QUIT_NC, macros); WireError if malformed."""
-    if command in _NO_PAYLOAD and payload:
+    if payload and command in _NO_PAYLOAD:
         raise WireError(f"command {command_name(command)} with a payload")
-    if command == SMFIC_CONNECT:
-        host, family, port, address = decode_connect(payload)
-        return ev.Connect(host, family, port, address, macros=macros, needs_reply=needs_reply)
-    if command == SMFIC_HELO:
-        return ev.Helo(one_string(payload, "HELO"), macros=macros, needs_reply=needs_reply)
-    if command in (SMFIC_MAIL, SMFIC_RCPT):
-        what = "MAIL FROM" if command == SMFIC_MAIL else "RCPT TO"
-        address, *args = strings(payload, what)
-        kind = ev.MailFrom if command == SMFIC_MAIL else ev.Rcpt
-        return kind(address, tuple(args), macros=macros, needs_reply=needs_reply)
-    if command == SMFIC_HEADER:
-        name, value = decode_header(payload)
-        return ev.Header(name, value, macros=macros, needs_reply=needs_reply)
-    if command == SMFIC_BODY:
-        if not payload:
-            raise WireError("empty body chunk")
-        return ev.Body(payload, macros=macros, needs_reply=needs_reply)
-    if command == SMFIC_BODYEOB:
-        return ev.EndOfMessage(payload, macros=macros, needs_reply=needs_reply)
-    if command == SMFIC_UNKNOWN:
-        line = one_string(payload, "unknown command")
-        return ev.Unknown(line, macros=macros, needs_reply=needs_reply)
-    if command == SMFIC_DATA:
-        return ev.Data(macros=macros, needs_reply=needs_reply)
-    if command == SMFIC_EOH:
-        return ev.EndOfHeaders(macros=macros, needs_reply=needs_reply)
-    return ev.Abort(macros=macros)
+    return _PARSERS[command](payload, macros, needs_reply)

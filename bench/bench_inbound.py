@@ -1,0 +1,121 @@
+"""Transport figures: our own inbound milter transport vs pymilter/libmilter, null milters.
+
+Run: ``.venv/bin/python bench/bench_inbound.py`` (or via ``bench/run_all.py``). Prints figures
+and ratios only, never asserts timings.
+
+Both milters do the same work: every protocol step negotiated, CONTINUE everywhere, ``X-Null``
+inserted at the top at end of message, accept. The load is Debian's ``miltertest`` running
+``bench/lua/conversation.lua`` (one connection per message, checked header and reply), N
+processes in parallel for concurrency N, on a unix socket and on TCP 127.0.0.1 (the pymilter
+milter with TCP_NODELAY forced on its listener, as ``mtls-milter serve`` does; ours sets it on
+each connection; miltertest with TCP_NODELAY forced by bench_milter.py's LD_PRELOAD shim, since
+its own small writes otherwise stall ~40 ms each). Rounds are interleaved; the median round is
+shown, with the milter's CPU per message (all threads, user + system). With uvloop importable
+(e.g. ``PYTHONPATH`` pointing at an installed copy) the inbound milter runs on it.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_milter import (
+    Bench,
+    Figure,
+    MilterProc,
+    build_nodelay_shim,
+    ensure_miltertest,
+    fmt,
+    free_port,
+    ratio,
+    short_tmpdir,
+)
+
+HERE = Path(__file__).resolve().parent
+NULL_INBOUND = HERE / "null_inbound.py"
+ROUNDS = 3
+RUN_SECONDS = 0.7
+TOTAL_BUDGET = 60.0
+
+
+def start_inbound(bench: Bench, label: str, spec: str) -> MilterProc:
+    log = bench.tmp / f"{label}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(NULL_INBOUND), "--socket", spec],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    bench.processes.append(process)
+    return MilterProc(label, spec, "X-Null", process, log)
+
+
+def main() -> int:
+    miltertest = ensure_miltertest()
+    if miltertest is None:
+        return 0
+    began = time.monotonic()
+    with short_tmpdir() as tmp:
+        bench = Bench(miltertest, tmp)
+        try:
+            return measure(bench, tmp, began)
+        finally:
+            bench.close()
+
+
+def measure(bench: Bench, tmp: Path, began: float) -> int:
+    shim, missing = build_nodelay_shim(tmp)
+    if shim is None:
+        print(f"TCP rows without client-side TCP_NODELAY ({missing}): expect ~40 ms stalls")
+    tcp_null, tcp_ours = f"inet:{free_port()}@127.0.0.1", f"inet:{free_port()}@127.0.0.1"
+    milters = {
+        ("unix", "pymilter"): bench.start_null("pymilter-unix", f"unix:{tmp}/n.sock", False),
+        ("unix", "inbound"): start_inbound(bench, "inbound-unix", f"unix:{tmp}/i.sock"),
+        ("tcp", "pymilter"): bench.start_null("pymilter-tcp", tcp_null, nodelay=True),
+        ("tcp", "inbound"): start_inbound(bench, "inbound-tcp", tcp_ours),
+    }
+    for milter in milters.values():
+        _, _, failures, header = bench.run(milter, 1, 0.3, count=20)
+        if failures or header != "1":
+            print(f"{milter.label}: warm-up failed: {failures} header={header!r}")
+            return 1
+    plan = [
+        (t, c, kind) for t in ("unix", "tcp") for c in (1, 8) for kind in ("pymilter", "inbound")
+    ]
+    figures = {key: Figure() for key in plan}
+    for round_no in range(ROUNDS):
+        if round_no and time.monotonic() - began > TOTAL_BUDGET:
+            print(f"time budget reached: {round_no} round(s) measured")
+            break
+        for transport, concurrency, kind in plan:
+            milter = milters[(transport, kind)]
+            preload = shim if transport == "tcp" else None
+            rate, cpu_us, failures, _ = bench.run(milter, concurrency, RUN_SECONDS, preload=preload)
+            figure = figures[(transport, concurrency, kind)]
+            figure.failures.extend(failures)
+            if not math.isnan(rate):
+                figure.rates.append(rate)
+                figure.cpu_us.append(cpu_us)
+    print(f"miltertest, one connection per message, {ROUNDS} interleaved rounds, median shown")
+    print(f"{'transport':<6} {'conc':>4} {'pymilter msg/s':>15} {'inbound msg/s':>14} "
+          f"{'ratio':>6} {'CPU µs/msg pymilter/inbound':>28}")  # fmt: skip
+    for transport in ("unix", "tcp"):
+        for concurrency in (1, 8):
+            base = figures[(transport, concurrency, "pymilter")]
+            ours = figures[(transport, concurrency, "inbound")]
+            cpu = f"{base.cpu:,.0f} / {ours.cpu:,.0f}"
+            print(f"{transport:<6} {concurrency:>4} {fmt(base.median):>15} {fmt(ours.median):>14} "
+                  f"{ratio(ours.median, base.median):>6} {cpu:>28}")  # fmt: skip
+    for key, figure in figures.items():
+        for failure in sorted(set(figure.failures))[:5]:
+            print(f"FAILURE {key}: {failure}")
+    print(f"total bench time {time.monotonic() - began:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
