@@ -678,6 +678,40 @@ _frames = _command.flatmap(
         lambda p: frame(c.encode(), p)
     )
 )
+
+
+def _conversation(messages: int, recipients: int, headers: int) -> list[bytes]:
+    """What Postfix sends after negotiation, ``messages`` transactions long."""
+    frames = [macros(b"C", b"j", b"mx"), connect(), strings(b"H", b"client")]
+    for _ in range(messages):
+        frames += [macros(b"M", b"i", b"Q1"), strings(b"M", b"<a@b>")]
+        frames += [strings(b"R", b"<c@d>")] * recipients + [frame(b"T")]
+        frames += [strings(b"L", b"Subject", b"x")] * headers
+        frames += [frame(b"N"), frame(b"B", b"body"), frame(b"E"), frame(b"A")]
+    return [*frames, frame(b"Q")]
+
+
+def _mutate(frames: list[bytes], edits: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """Drop (0), repeat (1) or insert before (2) a frame, at positions taken modulo the length."""
+    out = list(frames)
+    for position, kind, extra in edits:
+        i = position % (len(out) + 1)
+        if kind == 0 and i < len(out):
+            del out[i]
+        elif kind == 1 and i < len(out):
+            out.insert(i, out[i])
+        else:
+            out.insert(i, extra)
+    return out
+
+
+# Mostly plausible conversations with a few edits: random frame lists rarely get past CONNECT.
+_sequences = st.builds(
+    _mutate,
+    st.builds(_conversation, st.integers(1, 3), st.integers(1, 3), st.integers(0, 3)),
+    st.lists(st.tuples(st.integers(0, 60), st.integers(0, 2), _frames), max_size=3),
+) | st.lists(_frames, max_size=25)
+
 _answers = st.sampled_from(
     [CONTINUE, ACCEPT, Reply.reject(), Reply.tempfail("421", "4.7.0", "later"),
      Reply(Action.DISCARD),
@@ -729,7 +763,7 @@ def test_any_input_any_split_never_raises(
 @given(
     mta_protocol=st.integers(0, 0x1FFFFF),
     no_reply=st.integers(0, 0xFF080).map(lambda n: n & 0xFF080),
-    frames=st.lists(_frames, max_size=25),
+    frames=_sequences,
     data=st.data(),
 )
 def test_one_answer_per_command_that_expects_one(
@@ -738,8 +772,7 @@ def test_one_answer_per_command_that_expects_one(
     """Fed frame by frame: at most one final reply per command, none for commands the MTA will
     not wait for (ABORT, macros, QUIT, and the no-reply steps it agreed to)."""
     core = MilterConnection(MilterOptions(actions=HEADERS, protocol=no_reply))
-    core.receive_data(optneg(protocol=mta_protocol))
-    feed_all(core, b"", [], data)
+    feed_all(core, optneg(protocol=mta_protocol), [], data)
     out = parse_frames(core.data_to_send())
     agreed = struct.unpack(">I", out[0][1][8:12])[0] if out else 0
     for item in frames:
