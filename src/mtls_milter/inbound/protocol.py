@@ -187,21 +187,20 @@ class MilterConnection:
 
     def _enter(self, command: int) -> bool:
         """Move to the command's state as libmilter does; False when the command is dropped."""
-        new_state = COMMANDS[command]
-        if transition_ok(self._next, self._state, new_state):
+        new_state, old_state = COMMANDS[command], self._state
+        if transition_ok(self._next, old_state, new_state):
             self._state = new_state
             return True
-        if in_mail(self._state):
-            self._queue(
-                ev.Abort(macros=ev.Macros(tuple(self._slots)))
-            )  # libmilter calls abort when a command leaves a transaction
-        self._state = ST_HELO
+        if in_mail(self._state):  # libmilter calls abort when a command leaves a transaction
+            self._queue(ev.Abort(macros=ev.Macros(tuple(self._slots))))
+        self._state = ST_HELO  # and retries from HELO, as if the transaction had ended
         if transition_ok(self._next, ST_HELO, new_state):
             self._state = new_state
             return True
         if command == SMFIC_ABORT:
             return False  # no transaction to abort (Postfix sends these): libmilter ignores it
-        raise WireError(f"command {command_name(command)} out of order")
+        after = STATE_NAMES[old_state]
+        raise WireError(f"command {command_name(command)} out of order (after {after})")
 
     def _on_command(self, command: int, payload: bytes) -> None:
         if command == SMFIC_OPTNEG:
@@ -232,7 +231,8 @@ class MilterConnection:
     def _who_answers(self, command: int) -> tuple[bool, bool, bool]:
         """(the caller answers, we answer CONTINUE, the caller sees the event) for a command."""
         agreement = self.agreement
-        assert agreement is not None  # every command but OPTNEG and QUIT comes after it
+        if agreement is None:  # cannot happen: the state machine starts with OPTNEG
+            raise WireError("command before option negotiation")
         wanted = not self._unwanted & STEP_FLAG.get(command, 0)
         no_reply = NO_REPLY_FLAG.get(command)
         if no_reply is None:  # ABORT: never answered
@@ -398,7 +398,3 @@ class MilterConnection:
 
     def _queue(self, event: ev.Event) -> None:
         self._events.append(event)
-
-    def state_name(self) -> str:
-        """libmilter's name for the current state (for tests and debugging)."""
-        return STATE_NAMES[self._state]
