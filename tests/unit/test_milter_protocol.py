@@ -453,7 +453,11 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("truncated length", optneg() + b"\x00\x00", "closed inside a frame (2 of 5 bytes)"),
     ("before negotiation", connect(), "command 'C' before option negotiation"),
     ("negotiation twice", optneg() + optneg(), "command 'O' out of order"),
-    ("header after connect", optneg() + connect() + strings(b"L", b"a", b"b"), "'L' out of order (after connect)"),
+    (
+        "header after connect",
+        optneg() + connect() + strings(b"L", b"a", b"b"),
+        "'L' out of order (after connect)",
+    ),
     ("end without mail", BEFORE_MAIL + frame(b"E"), "command 'E' out of order"),
     ("unknown command", BEFORE_MAIL + frame(b"X", b"zz"), "unknown command 'X'"),
     ("unknown command byte", BEFORE_MAIL + frame(b"\x01"), "unknown command 0x01"),
