@@ -239,36 +239,36 @@ class _MilterStream(asyncio.BufferedProtocol):
     # -- the conversation -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        core, transport = self._core, self._transport
+        core, transport, handler = self._core, self._transport, self._handler
         assert core is not None and transport is not None
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 event = core.next_event()
                 if event is None:
                     self._flush(core, transport)
-                    await self._wait_for_data(core)
+                    self._note_waiting(core)
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    self._wakeup = None
                     continue
                 self._waiting_since = 0.0
-                reply = await self._handle(event)
+                reply: Reply | None = None
+                if handler is not None:
+                    try:
+                        reply = await handler.on_event(event)
+                    except Exception:
+                        name = type(event).__name__
+                        log.exception("milter handler failed on %s; answering CONTINUE", name)
                 if event.needs_reply:
                     self._answer(core, reply)
                     self._flush(core, transport)  # before the next event's handler runs
-                if isinstance(event, ConnectionClosed):
+                if type(event) is ConnectionClosed:
                     break
         finally:
             self._flush(core, transport)
             transport.close()
             self._server.release(self)
-
-    async def _handle(self, event: Event) -> Reply | None:
-        handler = self._handler
-        if handler is None:
-            return None
-        try:
-            return await handler.on_event(event)
-        except Exception:
-            log.exception("milter handler failed on %s; answering CONTINUE", type(event).__name__)
-            return None
 
     @staticmethod
     def _answer(core: MilterConnection, reply: Reply | None) -> None:
@@ -286,18 +286,14 @@ class _MilterStream(asyncio.BufferedProtocol):
             self._paused = False
             transport.resume_reading()
 
-    async def _wait_for_data(self, core: MilterConnection) -> None:
+    def _note_waiting(self, core: MilterConnection) -> None:
+        """Start the idle clock, and the command clock when part of a command is buffered."""
         now = time.monotonic()
         self._waiting_since = self._waiting_since or now
         if not core.buffered:
             self._partial_since = 0.0
         elif not self._partial_since:
             self._partial_since = now
-        self._wakeup = asyncio.get_running_loop().create_future()
-        try:
-            await self._wakeup
-        finally:
-            self._wakeup = None
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
