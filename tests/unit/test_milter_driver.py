@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import shutil
 import socket
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -231,7 +235,7 @@ def test_connection_cap_refuses_extra_connections(
             await normal_conversation_works(server)
 
     run(main())
-    assert "refused 1 connection(s): 2 open (max_connections)" in caplog.text
+    assert "2 connections open: refusing new ones" in caplog.text
 
 
 def test_idle_and_stalled_connections_are_swept(
@@ -378,3 +382,88 @@ def test_shutdown_does_not_wait_forever_for_a_stuck_handler(unix_spec: str) -> N
         return await asyncio.wait_for(reader.read(), 5)
 
     assert run(main()) == b""
+
+
+SERVER_WITH_FEW_FILES = """
+import asyncio, resource, sys
+from mtls_milter.inbound.asyncio_driver import MilterServer
+from mtls_milter.inbound.events import EndOfMessage
+from mtls_milter.inbound.negotiation import MilterOptions
+from mtls_milter.inbound.replies import Action, InsertHeader, Reply
+from mtls_milter.inbound.wire import ActionFlag, Stage
+
+class Handler:
+    async def on_event(self, event):
+        if isinstance(event, EndOfMessage):
+            value = event.macros.text("i") or "none"
+            return Reply(Action.ACCEPT, modifications=(InsertHeader(0, "X-Test", value),))
+        return None
+
+async def main():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    options = MilterOptions(actions=ActionFlag.ADDHDRS, macros={Stage.ENVFROM: ("i",)})
+    server = MilterServer(sys.argv[1], lambda peer: Handler(), options)
+    await server.start()
+    print("ready", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(unix_spec: str) -> None:
+    """100 connections over RLIMIT_NOFILE = 64: the server waits, then serves again."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER_WITH_FEW_FILES, unix_spec],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        held = []
+        for _ in range(100):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(unix_spec[5:])
+            held.append(client)
+        time.sleep(0.5)
+        before = _cpu_seconds(process.pid)
+        time.sleep(2.0)
+        assert _cpu_seconds(process.pid) - before < 0.5  # asyncio's own loop: ~2 s of CPU
+        for client in held:
+            client.close()
+        time.sleep(1.5)  # the retry delay
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(unix_spec[5:])
+            client.sendall(CONVERSATION)
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        assert answer == EXPECTED
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    assert "milter: cannot accept connections: Too many open files; retrying in 1 s" in stderr
+
+
+def test_per_peer_cap_counts_unix_peers_by_uid(
+    unix_spec: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with serving(unix_spec, max_per_peer=1) as (server, _):
+            _, held = await open_client(server)
+            await asyncio.sleep(0.05)
+            reader, _ = await open_client(server)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            held.close()
+            await asyncio.sleep(0.1)
+            await normal_conversation_works(server)
+
+    run(main())
+    assert f"1 connections open from uid {os.getuid()}: refusing new ones" in caplog.text
