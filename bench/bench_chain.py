@@ -22,16 +22,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mtls_milter.adapters.chain_fetch import ChainFetcher
-from mtls_milter.adapters.milter import EngineHolder, MtlsMilter
-from mtls_milter.adapters.policy_service import PolicyFacts, SessionTable
-from mtls_milter.adapters.starttls import StartTlsResult
+import benchpath  # noqa: F401  (tests/ on sys.path for support.*)
+from support.dnsserver import TestDnsServer
+from support.pki import build_test_pki
+from support.smtp_tls_server import StartTlsServer
+
 from mtls_milter.config import ChainFetchConfig, config_from_mapping
 from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.engine import Engine
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.pki import build_test_pki
-from mtls_milter.testing.smtp_tls_server import StartTlsServer
+from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
+from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
+from mtls_milter.net.starttls import StartTlsResult
 
 CLIENT = ("93.184.216.34", "41000")
 

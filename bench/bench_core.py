@@ -17,19 +17,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import benchpath  # noqa: F401  (tests/ on sys.path for support.*)
 import dns.message
 import dns.query
 import dns.rdatatype
 from cryptography.x509.verification import PolicyBuilder, Store
+from support.dnsserver import TestDnsServer
+from support.pki import build_test_pki
 
 from mtls_milter.config import Config, DnsConfig
 from mtls_milter.core.certs import ChainValidator, TrustAnchors, parse_certificates
 from mtls_milter.core.clock import FixedClock
-from mtls_milter.core.dns import DnsResolver
 from mtls_milter.core.evaluate import Result, Transaction, evaluate
 from mtls_milter.core.evidence import chain_evidence
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.pki import build_test_pki
+from mtls_milter.net.dns import DnsResolver
 
 
 def timings(action: Callable[[], object], count: int) -> list[float]:

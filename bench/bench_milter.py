@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtls_milter.testing.dnsserver import TestDnsServer
+import benchpath  # noqa: F401  (tests/ on sys.path for support.*)
+from support.dnsserver import TestDnsServer
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "lua" / "conversation.lua"

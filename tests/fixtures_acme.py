@@ -12,13 +12,13 @@ from acme import challenges
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.b64 import b64decode, b64encode
 from josepy.jwk import JWK, JWKEC
+from support.dnsserver import TestDnsServer
+from support.httphost import Handler, HttpHost, free_port
 
 from mtls_milter.acme.fetch import http_fetch
 from mtls_milter.acme.responder import ResponderThread
 from mtls_milter.acme.validator import ValidationResult, ValidatorPolicy, validate
-from mtls_milter.core.dns import DnsResolver
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.httphost import Handler, HttpHost, free_port
+from mtls_milter.net.dns import DnsResolver
 
 ADDRESSES = tuple(f"127.0.0.{i}" for i in range(2, 8))
 

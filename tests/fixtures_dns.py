@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support.dnsserver import TestDnsServer
 
-from mtls_milter.core.dns import DnsResolver
-from mtls_milter.testing.dnsserver import TestDnsServer
+from mtls_milter.net.dns import DnsResolver
 
 ResolverFactory = Callable[..., DnsResolver]
 

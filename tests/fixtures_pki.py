@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from mtls_milter.net.trust import load_trust_anchors
+from support.pki import TestPki, build_test_pki
 
-from mtls_milter.core.certs import ChainValidator, TrustAnchors, load_trust_anchors
-from mtls_milter.testing.pki import TestPki, build_test_pki
+from mtls_milter.core.certs import ChainValidator, TrustAnchors
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Allow ``python -m mtls_milter``."""
 
-from mtls_milter.adapters.cli import main
+from mtls_milter.cli.main import main
 
 raise SystemExit(main())

@@ -12,12 +12,14 @@ import logging
 from dataclasses import dataclass
 
 from mtls_milter.config import Config
-from mtls_milter.core.certs import ChainValidator, load_trust_anchors
+from mtls_milter.core.certs import ChainValidator
 from mtls_milter.core.clock import Clock, SystemClock
-from mtls_milter.core.dns import DnsResolver, MxResolver
 from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
 from mtls_milter.core.evidence import Evidence
+from mtls_milter.core.lookups import MxResolver
 from mtls_milter.core.names import SenderKind, parse_mail_from
+from mtls_milter.net.dns import DnsResolver
+from mtls_milter.net.trust import load_trust_anchors
 
 log = logging.getLogger("mtls_milter.engine")
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 from fixtures_acme import Account
-
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.httphost import free_port
+from support.dnsserver import TestDnsServer
+from support.httphost import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from mtls_milter.testing.daemon import MilterDaemon
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.mta import (
+from support.daemon import MilterDaemon
+from support.dnsserver import TestDnsServer
+from support.mta import (
     MtaTls,
     PostfixHarness,
     SendmailHarness,
@@ -37,8 +36,8 @@ from mtls_milter.testing.mta import (
     missing_mta,
     send_message,
 )
-from mtls_milter.testing.pki import TestPki, write_bundle
-from mtls_milter.testing.smtp_tls_server import StartTlsServer
+from support.pki import TestPki, write_bundle
+from support.smtp_tls_server import StartTlsServer
 
 pytestmark = pytest.mark.e2e
 

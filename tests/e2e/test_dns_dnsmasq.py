@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import dns.rdata
 import pytest
 
-from mtls_milter.core.dns import DnsResolver, LookupStatus
+from mtls_milter.core.lookups import LookupStatus
+from mtls_milter.net.dns import DnsResolver
 
 pytestmark = pytest.mark.e2e
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.daemon import MilterDaemon
+from support.dnsserver import TestDnsServer
 from support.milter_client import (
     Address,
     MilterClient,
@@ -32,8 +34,6 @@ from support.milter_client import (
 )
 
 from mtls_milter.config import MilterConfig
-from mtls_milter.testing.daemon import MilterDaemon
-from mtls_milter.testing.dnsserver import TestDnsServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

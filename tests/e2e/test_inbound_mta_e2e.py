@@ -17,20 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from mtls_milter.inbound import events as ev
-from mtls_milter.inbound.asyncio_driver import MilterServer
-from mtls_milter.inbound.negotiation import MilterOptions
-from mtls_milter.inbound.replies import Action, ChangeHeader, InsertHeader, Reply, SmtpReply
-from mtls_milter.inbound.wire import ActionFlag, Stage, text
-from mtls_milter.testing.mta import (
+from support.mta import (
     MtaTls,
     PostfixHarness,
     SendmailHarness,
     missing_mta,
     send_message,
 )
-from mtls_milter.testing.pki import TestPki
+from support.pki import TestPki
+
+from mtls_milter.inbound import events as ev
+from mtls_milter.inbound.asyncio_driver import MilterServer
+from mtls_milter.inbound.negotiation import MilterOptions
+from mtls_milter.inbound.replies import Action, ChangeHeader, InsertHeader, Reply, SmtpReply
+from mtls_milter.inbound.wire import ActionFlag, Stage, text
 
 pytestmark = pytest.mark.e2e
 

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from mtls_milter.testing.daemon import MilterDaemon
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.mta import (
+from support.daemon import MilterDaemon
+from support.dnsserver import TestDnsServer
+from support.mta import (
     MtaTls,
     PostfixHarness,
     SendmailHarness,
@@ -38,7 +37,7 @@ from mtls_milter.testing.mta import (
     missing_mta,
     send_message,
 )
-from mtls_milter.testing.pki import TestPki
+from support.pki import TestPki
 
 pytestmark = pytest.mark.e2e
 

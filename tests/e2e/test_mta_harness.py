@@ -1,6 +1,6 @@
 """Real Postfix and Sendmail: the harness works, and what each MTA tells a milter is re-measured.
 
-A probe milter (``mtls_milter.testing.probe_milter``, a separate process) records every macro per
+A probe milter (``tests/support/probe_milter.py``, a separate process) records every macro per
 stage and adds ``X-Probe: 1``; the tests send mail in each TLS case and compare the macros with the
 tables of FIELD-NOTES §1 (facts the product's evidence logic relies on, SPEC §3).
 """
@@ -19,9 +19,9 @@ from email import message_from_bytes
 from pathlib import Path
 
 import pytest
+import support
 from cryptography.hazmat.primitives.serialization import Encoding
-
-from mtls_milter.testing.mta import (
+from support.mta import (
     MtaError,
     MtaTls,
     PostfixHarness,
@@ -32,7 +32,7 @@ from mtls_milter.testing.mta import (
     send_message,
     wait_for_port,
 )
-from mtls_milter.testing.pki import TestPki
+from support.pki import TestPki
 
 pytestmark = pytest.mark.e2e
 
@@ -58,8 +58,7 @@ class ProbeMilter:
         self.out = directory / f"probe-{self.port}.jsonl"
         args = [
             sys.executable,
-            "-m",
-            "mtls_milter.testing.probe_milter",
+            str(Path(support.__file__).parent / "probe_milter.py"),
             "--socket",
             f"inet:{self.port}@127.0.0.1",
             "--out",

@@ -1,6 +1,6 @@
 """End to end: a real SENDING Postfix consults ``mtls-milter policy-map`` (a real subprocess)
 through ``smtp_tls_policy_maps = socketmap:…``, resolves real DNS answers (served on port 53 of
-a loopback address, see :mod:`mtls_milter.testing.postfix_sender`) and delivers to loopback
+a loopback address, see :mod:`support.postfix_sender`) and delivers to loopback
 STARTTLS servers - or refuses to.
 """
 
@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from mtls_milter.testing.mta import free_port
-from mtls_milter.testing.pki import SERVER_AUTH, TestPki
-from mtls_milter.testing.policy_map import socketmap_query
-from mtls_milter.testing.postfix_sender import (
+from support.mta import free_port
+from support.pki import SERVER_AUTH, TestPki
+from support.policy_map import socketmap_query
+from support.postfix_sender import (
     LoopbackDnsServer,
     PostfixSender,
     missing_sender_support,
     unused_loopback,
 )
-from mtls_milter.testing.smtp_tls_server import StartTlsServer
+from support.smtp_tls_server import StartTlsServer
 
 _REASON = missing_sender_support()
 pytestmark = [

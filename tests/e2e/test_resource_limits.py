@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.daemon import MilterDaemon, toml_text
+from support.dnsserver import TestDnsServer
+from support.httphost import free_port
 from support.milter_client import MilterClient, full_conversation
-
-from mtls_milter.testing.daemon import MilterDaemon, toml_text
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.httphost import free_port
-from mtls_milter.testing.policy_map import socketmap_query
+from support.policy_map import socketmap_query
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

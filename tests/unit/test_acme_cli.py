@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fixtures_acme import Account, MxHosts
 
-from mtls_milter.adapters.cli import main
+from mtls_milter.cli.main import main
 
 JSON_FIELDS = {
     "type", "domain", "token", "key_authorization", "status", "reason", "problem",

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.httphost import free_port
 
 from mtls_milter.acme.responder import (
     MAX_FILE,
@@ -20,7 +21,6 @@ from mtls_milter.acme.responder import (
     lookup_token,
     parse_listen,
 )
-from mtls_milter.testing.httphost import free_port
 
 TOKEN = "tok_en-0123456789abcdefghijkl"
 KEYAUTH = TOKEN + ".thumbprint_of_the_account_key_xxxxxxxxxxxxx"

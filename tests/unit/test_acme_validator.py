@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import pytest
 from fixtures_acme import Account, MxHosts, new_account
+from support.httphost import Reply, Request
+from support.pki import TestPki
 
 from mtls_milter.acme.fetch import FetchRequest, FetchResponse
 from mtls_milter.acme.validator import (
@@ -17,9 +19,7 @@ from mtls_milter.acme.validator import (
     ValidatorPolicy,
     validate,
 )
-from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus
-from mtls_milter.testing.httphost import Reply, Request
-from mtls_milter.testing.pki import TestPki
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus
 
 CLIENT = "client-mx-http-01"
 SERVER = "server-mx-http-01"

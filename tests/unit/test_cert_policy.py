@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.dnsserver import TestDnsServer
+from support.pki import SENDER_HOST, Issued, TestPki
 
-from mtls_milter.adapters.cli import main
+from mtls_milter.cli.main import main
 from mtls_milter.core.certs import ChainValidator, ChainVerdict, TrustAnchors, key_problem
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.pki import SENDER_HOST, Issued, TestPki
 
 H = SENDER_HOST
 OK = ""

@@ -12,6 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from mtls_milter.net.trust import load_trust_anchors
+from support.pki import CLIENT_AUTH, SERVER_AUTH, TestPki, write_bundle
 
 from mtls_milter.config import EkuPolicy
 from mtls_milter.core.certs import (
@@ -21,12 +23,10 @@ from mtls_milter.core.certs import (
     TrustAnchors,
     certificate_names,
     fingerprint_sha256,
-    load_trust_anchors,
     name_matches,
     normalize_fingerprint,
     parse_certificates,
 )
-from mtls_milter.testing.pki import CLIENT_AUTH, SERVER_AUTH, TestPki, write_bundle
 
 SOC, CLI, ANY = EkuPolicy.SERVER_OR_CLIENT, EkuPolicy.CLIENT, EkuPolicy.ANY
 OK = ""

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from support.pki import Issued, TestPki, write_bundle
+from support.smtp_tls_server import StartTlsServer
 
-from mtls_milter.adapters.chain_fetch import ChainFetcher, FetchOutcome, fetch_allowed
-from mtls_milter.adapters.starttls import StartTlsResult
 from mtls_milter.config import ChainFetchConfig
 from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.core.evidence import CertPresence, TlsSession
-from mtls_milter.testing.pki import Issued, TestPki, write_bundle
-from mtls_milter.testing.smtp_tls_server import StartTlsServer
+from mtls_milter.inbound.chain_fetch import ChainFetcher, FetchOutcome, fetch_allowed
+from mtls_milter.net.starttls import StartTlsResult
 
 CONFIG = ChainFetchConfig(allow_private=True, timeout=1.0)
 

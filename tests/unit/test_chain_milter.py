@@ -13,16 +13,16 @@ from typing import Any
 import Milter
 import pytest
 from cryptography.hazmat.primitives import hashes
+from support.dnsserver import TestDnsServer
+from support.pki import Issued, TestPki
 
-from mtls_milter.adapters.chain_fetch import ChainFetcher
-from mtls_milter.adapters.milter import EngineHolder, MtlsMilter
-from mtls_milter.adapters.policy_service import PolicyFacts, SessionTable
-from mtls_milter.adapters.starttls import StartTlsResult
 from mtls_milter.config import config_from_mapping
 from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.engine import Engine
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.pki import Issued, TestPki
+from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
+from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
+from mtls_milter.net.starttls import StartTlsResult
 
 CLIENT = ("93.184.216.34", 41000)  # global: fetching is allowed
 POSTFIX_UNTRUSTED = {"{tls_version}": "TLSv1.3"}  # Postfix sends nothing more

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.dnsserver import TestDnsServer
+from support.pki import TestPki
 
-from mtls_milter.adapters.cli import main
-from mtls_milter.core.dns import DnsResolver, HostLookup
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.pki import TestPki
+from mtls_milter.cli.main import main
+from mtls_milter.core.lookups import HostLookup
+from mtls_milter.net.dns import DnsResolver
 
 JSON_FIELDS = {"result", "reason", "domain", "evidence", "names", "matched", "header"}
 

@@ -12,19 +12,12 @@ from typing import Any
 
 import dns.rdata
 import pytest
+from support.dnsserver import TestDnsServer
 
-from mtls_milter.adapters.cli import main
+from mtls_milter.cli.main import main
 from mtls_milter.config import DnsConfig
-from mtls_milter.core.dns import (
-    MAX_HOSTS,
-    AddressLookup,
-    DnsResolver,
-    HostLookup,
-    LookupStatus,
-    MxResolver,
-    query_name,
-)
-from mtls_milter.testing.dnsserver import TestDnsServer
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus, MxResolver, query_name
+from mtls_milter.net.dns import MAX_HOSTS, DnsResolver
 
 CMX = 265
 TIMEOUT = 0.5  # resolver timeout used by the fixtures

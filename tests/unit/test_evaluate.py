@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from support.pki import TestPki
 
 from mtls_milter.config import Config, PolicyConfig, TlsConfig
 from mtls_milter.core.certs import (
@@ -17,7 +18,6 @@ from mtls_milter.core.certs import (
     parse_certificates,
 )
 from mtls_milter.core.clock import FixedClock
-from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus
 from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
 from mtls_milter.core.evidence import (
     NO_TLS,
@@ -28,8 +28,8 @@ from mtls_milter.core.evidence import (
     chain_evidence,
     mta_evidence,
 )
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus
 from mtls_milter.engine import Engine
-from mtls_milter.testing.pki import TestPki
 
 OK = LookupStatus.OK
 SENDER = "<alice@sender.test>"

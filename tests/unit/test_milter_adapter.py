@@ -26,21 +26,21 @@ import Milter
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.dnsserver import TestDnsServer
+from support.pki import TestPki
 
-from mtls_milter.adapters import milter as milter_module
-from mtls_milter.adapters.milter import (
+from mtls_milter.config import config_from_mapping
+from mtls_milter.core.evaluate import Transaction, Verdict
+from mtls_milter.core.evidence import Evidence
+from mtls_milter.engine import Engine
+from mtls_milter.inbound import milter as milter_module
+from mtls_milter.inbound.milter import (
     ENVFROM_MACROS,
     EOM_MACROS,
     HELO_MACROS,
     EngineHolder,
     MtlsMilter,
 )
-from mtls_milter.config import config_from_mapping
-from mtls_milter.core.evaluate import Transaction, Verdict
-from mtls_milter.core.evidence import Evidence
-from mtls_milter.engine import Engine
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.pki import TestPki
 
 AR = "Authentication-Results"
 AUTHSERV_ID = "mx.receiver.test"

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mtls_milter.core.dns import MAX_HOSTS, HostLookup, LookupStatus, hosts_from_rdatas
+from mtls_milter.core.lookups import HostLookup, LookupStatus
 from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata
 from mtls_milter.errors import InputError
+from mtls_milter.net.dns import MAX_HOSTS, hosts_from_rdatas
 
 PROPERTY = settings(max_examples=200, deadline=None)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtls_milter.adapters.netstring import NetstringError, NetstringReader, encode
+from mtls_milter.outbound.netstring import NetstringError, NetstringReader, encode
 
 READ_SIZES = (4096, 128, 16, 1)
 

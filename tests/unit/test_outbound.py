@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from support.dnsserver import TestDnsServer
 
-from mtls_milter.core.dns import DnsResolver
 from mtls_milter.core.outbound import PolicyKind, tls_policy
-from mtls_milter.testing.dnsserver import TestDnsServer
+from mtls_milter.net.dns import DnsResolver
 
 ResolverFactory = Callable[..., DnsResolver]
 

@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.dnsserver import TestDnsServer
+from support.policy_map import PolicyMapController, socketmap_query
 
-from mtls_milter.adapters.netstring import NetstringReader, encode
-from mtls_milter.adapters.stream_service import parse_listen_spec
 from mtls_milter.config import ConfigError, PolicyMapConfig, config_from_mapping
-from mtls_milter.core.dns import DnsResolver
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.policy_map import PolicyMapController, socketmap_query
+from mtls_milter.net.dns import DnsResolver
+from mtls_milter.outbound.netstring import NetstringReader, encode
+from mtls_milter.runtime.stream_service import parse_listen_spec
 
 ResolverFactory = Callable[..., DnsResolver]
 SECURE = "OK secure match=mx.receiver.test servername=hostname"

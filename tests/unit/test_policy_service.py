@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtls_milter.adapters.policy_service import (
+from mtls_milter.inbound.policy_service import (
     DUNNO,
     MAX_ATTRIBUTES,
     MAX_LINE,

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from mtls_milter.net.trust import load_trust_anchors
+from support.dnsserver import TestDnsServer
+from support.pki import SERVER_AUTH, Issued, TestPki
+from support.smtp_tls_server import StartTlsServer
 
-from mtls_milter.adapters.cli import main
-from mtls_milter.adapters.probe import probe_domain
-from mtls_milter.core.certs import ChainValidator, load_trust_anchors
-from mtls_milter.core.dns import DnsResolver
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.pki import SERVER_AUTH, Issued, TestPki
-from mtls_milter.testing.smtp_tls_server import StartTlsServer
+from mtls_milter.cli.main import main
+from mtls_milter.core.certs import ChainValidator
+from mtls_milter.net.dns import DnsResolver
+from mtls_milter.outbound.probe import probe_domain
 
 HOST_KEYS = {
     "host",

@@ -33,7 +33,7 @@ from mtls_milter.acme.keyauth import (
 )
 from mtls_milter.acme.responder import ResponderThread
 from mtls_milter.acme.validator import CHALLENGE_PATH, Status, ValidatorPolicy, validate
-from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus
 
 SETTINGS = settings(max_examples=150, deadline=None)
 PRINTABLE = re.compile(r"[ -~]*")

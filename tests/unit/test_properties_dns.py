@@ -16,9 +16,10 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.dnsserver import TestDnsServer
 
-from mtls_milter.core.dns import MAX_HOSTS, DnsResolver, HostLookup, LookupStatus, query_name
-from mtls_milter.testing.dnsserver import TestDnsServer
+from mtls_milter.core.lookups import HostLookup, LookupStatus, query_name
+from mtls_milter.net.dns import MAX_HOSTS, DnsResolver
 
 CLIENT_MX = 265
 SETTINGS = settings(

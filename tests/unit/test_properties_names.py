@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mtls_milter.core.dns import query_name
+from mtls_milter.core.lookups import query_name
 from mtls_milter.core.names import SenderKind, normalize_domain, parse_mail_from
 from mtls_milter.core.quote import MAX_QUOTE, clip, quote
 

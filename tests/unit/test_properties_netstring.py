@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mtls_milter.adapters.netstring import NetstringError, NetstringReader, encode
+from mtls_milter.outbound.netstring import NetstringError, NetstringReader, encode
 
 SETTINGS = settings(max_examples=200, deadline=None)
 MAX = 1000

@@ -18,8 +18,9 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mtls_milter.adapters.policy_map import PolicyMapService
-from mtls_milter.adapters.policy_service import (
+from mtls_milter.config import PolicyMapConfig
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus, query_name
+from mtls_milter.inbound.policy_service import (
     DUNNO,
     MAX_VALUE,
     PolicyService,
@@ -27,8 +28,7 @@ from mtls_milter.adapters.policy_service import (
     facts_from_request,
     parse_request,
 )
-from mtls_milter.config import PolicyMapConfig
-from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus, query_name
+from mtls_milter.outbound.policy_map import PolicyMapService
 
 SETTINGS = settings(max_examples=150, deadline=None)
 PRINTABLE = re.compile(r"[ -~]*")

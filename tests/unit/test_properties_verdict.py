@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from mtls_milter.config import Config
 from mtls_milter.core.certs import ChainValidator, TrustAnchors
 from mtls_milter.core.clock import FixedClock
-from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus
 from mtls_milter.core.evaluate import Result, Transaction, evaluate
 from mtls_milter.core.evidence import Evidence, session_from_macros
 from mtls_milter.core.header import render_value
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus
 from mtls_milter.engine import Engine
 
 SETTINGS = settings(max_examples=150, deadline=None)

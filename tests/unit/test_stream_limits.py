@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtls_milter.acme.responder import Responder
-from mtls_milter.adapters.stream_service import (
+from mtls_milter.runtime.stream_service import (
     ConnectionLimits,
     Listener,
     RateLimitedLog,

@@ -31,7 +31,7 @@ from types import TracebackType
 
 from mtls_milter.acme.keyauth import is_token
 from mtls_milter.acme.validator import CHALLENGE_PATH
-from mtls_milter.adapters.stream_service import (
+from mtls_milter.runtime.stream_service import (
     ConnectionLimits,
     Listener,
     RateLimitedLog,

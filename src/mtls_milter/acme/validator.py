@@ -24,7 +24,7 @@ from urllib.parse import urljoin, urlsplit
 
 from mtls_milter.acme.fetch import REDIRECT_STATUSES, Fetch, FetchError, FetchRequest
 from mtls_milter.acme.keyauth import check_thumbprint, check_token, key_authorization
-from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus, query_name
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus, query_name
 from mtls_milter.core.quote import quote
 
 __all__ = [
@@ -45,8 +45,8 @@ WHITESPACE = " \t\r\n"  # trailing whitespace ignored in the body (RFC 8555 §8.
 
 
 class HostResolver(Protocol):
-    """The DNS the validator needs (a subset of :class:`~mtls_milter.core.dns.MxResolver`;
-    :class:`~mtls_milter.core.dns.DnsResolver` is one). ``budget``: seconds left."""
+    """The DNS the validator needs (a subset of :class:`~mtls_milter.net.dns.MxResolver`;
+    :class:`~mtls_milter.net.dns.DnsResolver` is one). ``budget``: seconds left."""
 
     def client_mx(self, domain: str, budget: float) -> HostLookup: ...
 

@@ -1,4 +1,4 @@
-"""Certificates: parsing, trust anchors, RFC 5280 chain validation, host names and matching.
+"""Certificates: parsing, trust bundles, RFC 5280 chain validation, host names and matching.
 
 Path validation is pyca/cryptography's ``x509.verification`` (RFC 5280 and the Web PKI profile)
 with the product's key and EKU policies layered on top (docs/design.md, "Certificates").
@@ -44,7 +44,6 @@ import bisect
 import functools
 import ipaddress
 import re
-import ssl
 import threading
 import warnings
 from collections import OrderedDict
@@ -52,7 +51,6 @@ from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from cryptography import x509
@@ -85,15 +83,14 @@ __all__ = [
     "common_name_host",
     "fingerprint_sha256",
     "key_problem",
-    "load_trust_anchors",
     "name_matches",
     "normalize_fingerprint",
     "parse_certificates",
+    "parse_trust_bundle",
 ]
 
 MAX_CHAIN_CERTS = 20
 
-SYSTEM_BUNDLE_FALLBACK = "/etc/ssl/certs/ca-certificates.crt"
 
 _SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
 _CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
@@ -195,30 +192,8 @@ class TrustAnchors:
     sources: tuple[str, ...]
 
 
-def _plural(n: int) -> str:
-    return f"{n} certificate" if n == 1 else f"{n} certificates"
-
-
-def _system_bundle_path() -> str:
-    cafile = ssl.get_default_verify_paths().cafile
-    if cafile:
-        return cafile
-    if Path(SYSTEM_BUNDLE_FALLBACK).is_file():
-        return SYSTEM_BUNDLE_FALLBACK
-    raise CertificateInputError(
-        f"system trust bundle not found (no OpenSSL default CA file, no {SYSTEM_BUNDLE_FALLBACK})"
-    )
-
-
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise CertificateInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-def _load_system() -> tuple[list[x509.Certificate], str]:
-    path = _system_bundle_path()
+def parse_trust_bundle(data: bytes) -> tuple[list[x509.Certificate], int]:
+    """The certificates of a CA bundle and how many of its entries were skipped as unreadable."""
     certs: list[x509.Certificate] = []
     skipped = 0
     # Distribution bundles occasionally hold a certificate cryptography refuses (e.g. a negative
@@ -226,44 +201,14 @@ def _load_system() -> tuple[list[x509.Certificate], str]:
     with warnings.catch_warnings():
         # Old roots with non-positive serials load with a deprecation warning; not our concern.
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        for index, (label, body, complete) in enumerate(_pem_blocks(_read(path)), 1):
+        for index, (label, body, complete) in enumerate(_pem_blocks(data), 1):
             if label not in _CERT_LABELS:
                 continue
             try:
                 certs.append(_load_pem_certificate(index, body, complete))
             except CertificateInputError:
                 skipped += 1
-    if not certs:
-        raise CertificateInputError(f"{path}: no certificates found in the system trust bundle")
-    note = f", {skipped} skipped" if skipped else ""
-    return certs, f"system ({path}, {_plural(len(certs))}{note})"
-
-
-def load_trust_anchors(sources: Sequence[str]) -> TrustAnchors:
-    """Load trust anchors from ``"system"`` and/or PEM file paths; duplicates are dropped."""
-    certs: list[x509.Certificate] = []
-    seen: set[bytes] = set()
-    descriptions: list[str] = []
-    for source in sources:
-        if source == "system":
-            loaded, description = _load_system()
-        else:
-            try:
-                loaded = list(parse_certificates(_read(source), limit=None))
-            except CertificateInputError as exc:
-                if str(exc).startswith(f"{source}:"):
-                    raise
-                raise CertificateInputError(f"{source}: {exc}") from None
-            description = f"{source} ({_plural(len(loaded))})"
-        descriptions.append(description)
-        for cert in loaded:
-            fp = cert.fingerprint(hashes.SHA256())
-            if fp not in seen:
-                seen.add(fp)
-                certs.append(cert)
-    if not certs:
-        raise CertificateInputError("no trust anchors configured")
-    return TrustAnchors(tuple(certs), tuple(descriptions))
+    return certs, skipped
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from typing import Any
 from mtls_milter.config import Config
 from mtls_milter.core.certs import ChainValidator, name_matches
 from mtls_milter.core.clock import Clock
-from mtls_milter.core.dns import HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.evidence import CertPresence, Evidence, EvidenceKind
 from mtls_milter.core.header import MtlsField
+from mtls_milter.core.lookups import HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.names import SenderKind, normalize_domain, parse_mail_from
 from mtls_milter.core.quote import clip, quote
 from mtls_milter.errors import InputError

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from mtls_milter.core.dns import HostLookup, LookupStatus, MxResolver
+from mtls_milter.core.lookups import HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.names import normalize_domain
 from mtls_milter.core.quote import clip, quote
 

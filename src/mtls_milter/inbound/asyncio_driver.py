@@ -27,9 +27,9 @@ import struct
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from mtls_milter.adapters.stream_service import (
+from mtls_milter.runtime.stream_service import (
     ACCEPT_RETRY_DELAY,
     RESOURCE_ERRNOS,
     ConnectionLimits,
@@ -39,10 +39,8 @@ from mtls_milter.adapters.stream_service import (
     unix_listener_socket,
 )
 
-from .asyncio_stream import MilterStream
-from .events import Event
+from .asyncio_stream import MilterHandler, MilterStream
 from .negotiation import MilterOptions
-from .replies import Reply
 
 log = logging.getLogger("mtls_milter")
 
@@ -52,20 +50,6 @@ COMMAND_TIMEOUT = 30.0  # seconds for a started command to arrive whole (an MTA 
 MAX_CONNECTIONS = 4096
 ACCEPT_BATCH = 100  # connections taken per readiness of the listening socket
 _T = TypeVar("_T")
-
-
-class MilterHandler(Protocol):
-    """The milter logic behind a transport; one instance per MTA connection."""
-
-    async def on_event(self, event: Event) -> Reply | None:
-        """Handle one event in conversation order.
-
-        For an event with ``needs_reply`` the answer is the return value (None: CONTINUE); for
-        the others it is ignored. :class:`~.events.ConnectionClosed` comes last, exactly once.
-        An exception is logged and answered CONTINUE. Calls run one at a time in the
-        connection's task; blocking work belongs in ``loop.run_in_executor``.
-        """
-        ...
 
 
 HandlerFactory = Callable[[str], MilterHandler]  # called with the MTA's socket address

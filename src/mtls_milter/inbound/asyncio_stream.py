@@ -12,19 +12,30 @@ import contextlib
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 from mtls_milter.core.quote import quote
 
-from .events import ConnectionClosed
+from .events import ConnectionClosed, Event
 from .negotiation import MilterOptions
 from .protocol import MilterConnection
 from .replies import CONTINUE, Reply
 
-if TYPE_CHECKING:
-    from .asyncio_driver import MilterHandler
-
 log = logging.getLogger("mtls_milter")
+
+
+class MilterHandler(Protocol):
+    """The milter logic behind a transport; one instance per MTA connection."""
+
+    async def on_event(self, event: Event) -> Reply | None:
+        """Handle one event in conversation order.
+
+        For an event with ``needs_reply`` the answer is the return value (None: CONTINUE); for
+        the others it is ignored. :class:`~.events.ConnectionClosed` comes last, exactly once.
+        An exception is logged and answered CONTINUE. Calls run one at a time in the
+        connection's task; blocking work belongs in ``loop.run_in_executor``.
+        """
+        ...
 
 
 class StreamOwner(Protocol):

@@ -27,12 +27,11 @@ import milter
 from mtls_milter.config import Config, ConfigError, load_config
 from mtls_milter.core.certs import CertificateInputError
 from mtls_milter.engine import Engine
-
-from .chain_fetch import ChainFetcher
-from .logsetup import add_log_level_option, configure_logging
-from .milter import EngineHolder, MtlsMilter
-from .policy_service import PolicyService, PolicyServiceThread, SessionTable
-from .sdnotify import notify
+from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
+from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
+from mtls_milter.runtime.logsetup import add_log_level_option, configure_logging
+from mtls_milter.runtime.sdnotify import notify
 
 log = logging.getLogger("mtls_milter")
 

@@ -1,4 +1,4 @@
-"""DNS transport for :class:`mtls_milter.core.dns.DnsResolver`, and texts for what went wrong.
+"""DNS transport for :class:`mtls_milter.net.dns.DnsResolver`, and texts for what went wrong.
 
 dnspython's resolver sends each UDP query from an *unconnected* socket. Such a socket never
 learns about the ICMP port-unreachable a host sends back when nothing listens on the DNS port,

@@ -1,27 +1,25 @@
-"""DNS layer: Client MX, Server MX (RFC 5321 §5.1) and address lookups, with a TTL/LRU cache.
+"""The DNS resolver: Client MX, Server MX (RFC 5321 §5.1) and address lookups, with a TTL/LRU cache.
 
 Every lookup returns a result object and never raises: the milter must turn any DNS trouble into
 ``temperror``/``permerror``, not into a crash. :class:`DnsResolver` is the real implementation of
-:class:`MxResolver`; tests and the core may substitute their own.
+:class:`~mtls_milter.core.lookups.MxResolver` (the result types live in
+:mod:`mtls_milter.core.lookups`); tests may substitute their own.
 
 Client MX is a new RR type (number configurable, 265 by default) whose rdata is MX wire format.
 It is queried by number and decoded by :mod:`mtls_milter.core.mxrdata`: registering the type with
 dnspython would be process-global (a second registration raises), so we never do it. At most
 :data:`MAX_HOSTS` Client MX host names are accepted; the ordinary MX set has no limit (RFC 5321
-sets none). Queries go out over connected UDP sockets (:mod:`mtls_milter.core.dnstransport`), so
+sets none). Queries go out over connected UDP sockets (:mod:`mtls_milter.net.dnstransport`), so
 a closed DNS port is noticed at once instead of after the timeout.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import dns.exception
 import dns.inet
@@ -36,107 +34,30 @@ import dns.resolver
 import dns.rrset
 
 from mtls_milter.config import parse_nameserver
-from mtls_milter.core.dnstransport import (
+from mtls_milter.core.lookups import (
+    AddressLookup,
+    HostLookup,
+    LookupStatus,
+    query_name,
+)
+from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata, exchange_text
+from mtls_milter.core.quote import clip
+from mtls_milter.net.dnstransport import (
     ConnectedDo53Nameserver,
     describe_errors,
     describe_timeout,
 )
-from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata, exchange_text
-from mtls_milter.core.names import normalize_host
-from mtls_milter.core.quote import clip, quote
 
 if TYPE_CHECKING:
     from mtls_milter.config import DnsConfig
 
-__all__ = [
-    "MAX_HOSTS",
-    "AddressLookup",
-    "DnsResolver",
-    "HostLookup",
-    "LookupStatus",
-    "MxResolver",
-    "hosts_from_rdatas",
-    "query_name",
-]
+__all__ = ["MAX_HOSTS", "DnsResolver", "hosts_from_rdatas"]
 
 MAX_HOSTS = 10  # Client MX host names per lookup; more is PERMFAIL (the MX set is unlimited)
 NEGATIVE_TTL_WITHOUT_SOA = 60  # RFC 2308 gives no default; 60 s is what common resolvers use
 _MX = int(dns.rdatatype.MX)
 _A = int(dns.rdatatype.A)
 _AAAA = int(dns.rdatatype.AAAA)
-
-
-class LookupStatus(StrEnum):
-    """Outcome class of one lookup."""
-
-    OK = "ok"  # hosts found (hosts may be empty only when null=True)
-    NOT_FOUND = "not-found"  # NXDOMAIN or NODATA (detail says which)
-    TEMPFAIL = "tempfail"  # SERVFAIL, REFUSED, timeout, network error, budget exhausted
-    PERMFAIL = "permfail"  # malformed rdata, > MAX_HOSTS Client MX names, bad/too long name
-
-
-@dataclass(frozen=True, slots=True)
-class HostLookup:
-    """Result of a Client MX or Server MX lookup."""
-
-    status: LookupStatus
-    hosts: tuple[str, ...] = ()  # lower-case, no trailing dot, by preference then name, unique
-    null: bool = False  # RFC 7505 null (Client) MX: a single record "0 ." -> hosts=()
-    implicit: bool = False  # server MX only: no MX but A/AAAA exists -> hosts=(domain,)
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class AddressLookup:
-    """Result of an address lookup: A records, then AAAA records."""
-
-    status: LookupStatus
-    addresses: tuple[str, ...] = ()
-    detail: str = ""
-
-
-class MxResolver(Protocol):
-    """What the core needs from DNS. ``budget`` is the seconds left for the message."""
-
-    def client_mx(self, domain: str, budget: float) -> HostLookup: ...
-
-    def server_mx(self, domain: str, budget: float) -> HostLookup: ...
-
-    def addresses(self, host: str, budget: float) -> AddressLookup: ...
-
-    def cached_client_mx(self, domain: str) -> HostLookup | None: ...
-
-
-# A label: 1-63 printable ASCII characters other than "." and "\\" (which would need escapes).
-_LABEL = r"[!-\-/-\[\]-~]{1,63}"
-_VALID_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
-
-
-def query_name(domain: str) -> str:
-    """Return ``domain`` as a lower-case A-label without trailing dot; ValueError if invalid.
-
-    Callers pass names already normalized by :func:`mtls_milter.core.names.normalize_domain`;
-    this is the resolver's own, more permissive guard (any name DNS can carry without
-    escapes), converting a stray non-ASCII name with IDNA rather than querying garbage.
-    """
-    name = domain[:-1] if domain.endswith(".") else domain
-    if not name.isascii():
-        # The product's one IDN rule (UTS #46 + IDNA 2008), not dnspython's IDNA 2003 default:
-        # "faß.example" must be looked up as the name a certificate would carry for it.
-        name = normalize_host(name, underscores=True)
-    name = name.lower()
-    if len(name) <= 253 and _VALID_NAME.fullmatch(name):
-        return name  # the fast path of every warm lookup: one regex, no loop
-    if not name:
-        raise ValueError("empty domain name")
-    if len(name) > 253:
-        raise ValueError(f"domain name longer than 253 characters ({len(name)})")
-    for label in name.split("."):
-        if not label:
-            raise ValueError(f"{quote(name)} has an empty label")
-        if len(label) > 63:
-            raise ValueError(f"{quote(name)} has a label longer than 63 characters")
-    raise ValueError(f"{quote(name)} contains characters not allowed in a host name")
 
 
 class _QueryOutcome:

@@ -29,8 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mtls_milter.core.evidence import xtext_decode
-
-from .stream_service import StreamService
+from mtls_milter.runtime.stream_service import StreamService
 
 __all__ = [
     "DUNNO",

@@ -9,11 +9,11 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Self
 
-from mtls_milter.adapters.netstring import NetstringReader, encode
-from mtls_milter.adapters.policy_map import PolicyMapService
-from mtls_milter.adapters.stream_service import Listener
 from mtls_milter.config import PolicyMapConfig
-from mtls_milter.core.dns import MxResolver
+from mtls_milter.core.lookups import MxResolver
+from mtls_milter.outbound.netstring import NetstringReader, encode
+from mtls_milter.outbound.policy_map import PolicyMapService
+from mtls_milter.runtime.stream_service import Listener
 
 __all__ = ["PolicyMapController", "socketmap_query"]
 

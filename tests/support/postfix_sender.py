@@ -10,7 +10,7 @@ which reads ``/etc/resolv.conf`` and always uses port 53. The harness therefore
   server bound to a chosen address, plus per-type SERVFAIL).
 
 Nothing of the host's ``/etc`` is touched. Needs root (port 53, chroot, Postfix's daemons).
-Receiving MX hosts are :class:`~mtls_milter.testing.smtp_tls_server.StartTlsServer` instances on
+Receiving MX hosts are :class:`~support.smtp_tls_server.StartTlsServer` instances on
 127.0.0.x; they all listen on one port, which the client uses through ``smtp_tcp_port``.
 """
 
@@ -33,8 +33,8 @@ from typing import Self
 
 import dns.message
 
-from mtls_milter.testing.dnsserver import TestDnsServer
-from mtls_milter.testing.mta import (
+from support.dnsserver import TestDnsServer
+from support.mta import (
     POSTFIX_MASTER_CF,
     MtaError,
     free_port,

@@ -31,15 +31,15 @@ from mtls_milter.core.certs import (
     CertificateInputError,
     ChainValidator,
     certificate_names,
-    load_trust_anchors,
     name_matches,
 )
-from mtls_milter.core.dns import DnsResolver, HostLookup, LookupStatus
+from mtls_milter.core.lookups import HostLookup, LookupStatus
 from mtls_milter.core.names import normalize_domain
 from mtls_milter.core.outbound import tls_policy
-
-from .check import InputError
-from .starttls import starttls_chain
+from mtls_milter.errors import InputError
+from mtls_milter.net.dns import DnsResolver
+from mtls_milter.net.starttls import starttls_chain
+from mtls_milter.net.trust import load_trust_anchors
 
 __all__ = [
     "EXIT_DNS",

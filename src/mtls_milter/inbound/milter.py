@@ -29,7 +29,6 @@ import Milter
 
 from mtls_milter.config import FailAction, TemperrorAction
 from mtls_milter.core.certs import name_matches
-from mtls_milter.core.dns import AddressLookup, HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.evaluate import Result, Transaction, Verdict
 from mtls_milter.core.evidence import (
     Evidence,
@@ -40,12 +39,12 @@ from mtls_milter.core.evidence import (
     with_fingerprint,
 )
 from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.names import SenderKind, parse_mail_from
 from mtls_milter.core.quote import clip, quote
 from mtls_milter.engine import Engine
-
-from .chain_fetch import ChainFetcher, FetchOutcome
-from .policy_service import SessionTable
+from mtls_milter.inbound.chain_fetch import ChainFetcher, FetchOutcome
+from mtls_milter.inbound.policy_service import SessionTable
 
 log = logging.getLogger("mtls_milter")
 

@@ -31,8 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from mtls_milter.config import ChainFetchConfig
 from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.core.evidence import TlsSession, chain_binding
-
-from .starttls import StartTlsResult, starttls_chain
+from mtls_milter.net.starttls import StartTlsResult, starttls_chain
 
 __all__ = ["MAX_CHAIN", "ChainFetcher", "FetchOutcome", "fetch_allowed"]
 

@@ -24,11 +24,10 @@ from mtls_milter.acme.validator import (
     ValidatorPolicy,
     validate,
 )
-from mtls_milter.adapters.check import InputError
 from mtls_milter.config import parse_nameserver
-from mtls_milter.core.dns import DnsResolver
-
-from .logsetup import add_log_level_option, configure_logging
+from mtls_milter.errors import InputError
+from mtls_milter.net.dns import DnsResolver
+from mtls_milter.runtime.logsetup import add_log_level_option, configure_logging
 
 EXIT_VALID = 0
 EXIT_INVALID = 1

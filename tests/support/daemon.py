@@ -36,7 +36,7 @@ _REFUSED = "reload refused"
 # TCP behaviour: Nagle on), to measure what TCP_NODELAY buys (FIELD-NOTES §3).
 _NO_NODELAY = (
     "import sys\n"
-    "from mtls_milter.adapters import cli, serve\n"
+    "from mtls_milter.cli import main as cli\nfrom mtls_milter.inbound import daemon as serve\n"
     "serve._set_nodelay_on_listeners = lambda: None\n"
     "sys.exit(cli.main(sys.argv[1:]))\n"
 )

@@ -8,8 +8,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from mtls_milter import __version__
-from mtls_milter.adapters import acme as acme_cli
-from mtls_milter.adapters import check, policy_map, probe, serve
+from mtls_milter.acme import cli as acme_cli
+from mtls_milter.cli import check
+from mtls_milter.errors import InputError
+from mtls_milter.inbound import daemon as serve
+from mtls_milter.outbound import policy_map, probe
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -50,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = args.handler(args)
-    except check.InputError as exc:
+    except InputError as exc:
         print(f"mtls-milter: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

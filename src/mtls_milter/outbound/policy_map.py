@@ -23,14 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mtls_milter.config import Config, ConfigError, PolicyMapConfig, load_config
-from mtls_milter.core.dns import DnsResolver, MxResolver
+from mtls_milter.core.lookups import MxResolver
 from mtls_milter.core.outbound import PolicyKind, tls_policy
 from mtls_milter.core.quote import quote
-
-from .logsetup import add_log_level_option, configure_logging
-from .netstring import NetstringError, NetstringReader, encode
-from .sdnotify import notify
-from .stream_service import Listener, StreamService
+from mtls_milter.net.dns import DnsResolver
+from mtls_milter.outbound.netstring import NetstringError, NetstringReader, encode
+from mtls_milter.runtime.logsetup import add_log_level_option, configure_logging
+from mtls_milter.runtime.sdnotify import notify
+from mtls_milter.runtime.stream_service import Listener, StreamService
 
 log = logging.getLogger("mtls_milter.policy_map")
 

@@ -2,7 +2,7 @@
 
 Run it as a separate process (libmilter is process-global and ``runmilter`` blocks)::
 
-    python -m mtls_milter.testing.probe_milter --socket inet:PORT@127.0.0.1 --out FILE
+    python tests/support/probe_milter.py --socket inet:PORT@127.0.0.1 --out FILE
 
 For every message that reaches end-of-message it appends one JSON object to ``FILE``::
 

@@ -1,1 +1,0 @@
-"""Thin adapters that translate a protocol (CLI, milter, policy, socketmap) into core calls."""

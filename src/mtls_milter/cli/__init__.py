@@ -1,0 +1,1 @@
+"""Operator command line: the ``mtls-milter`` entry point and its ``check`` command."""

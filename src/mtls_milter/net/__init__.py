@@ -1,0 +1,1 @@
+"""Network I/O: the DNS resolver and its transport, trust store loading, STARTTLS client."""

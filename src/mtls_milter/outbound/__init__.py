@@ -1,0 +1,1 @@
+"""Outbound surface: the Postfix socketmap TLS policy service and the probe command."""

@@ -1,0 +1,1 @@
+"""Process plumbing shared by every service: stream service, listen specs, sd_notify, logging."""

@@ -1,0 +1,148 @@
+"""The installed package holds the product only: the test harnesses stay under tests/support/."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
+HARNESS_MODULES = {"support", "pytest", "hypothesis"}
+
+
+def test_wheel_packages_hold_no_test_harness() -> None:
+    # The wheel holds every package setuptools finds under src/ (pyproject: packages.find).
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert find == {"find": {"where": ["src"]}}
+    packages = [".".join(p.parent.relative_to(SRC).parts) for p in SRC.rglob("__init__.py")]
+    assert "mtls_milter" in packages
+    assert not [p for p in packages if "testing" in p.split(".") or p.startswith("support")]
+
+
+def test_no_product_module_imports_a_test_harness() -> None:
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            offenders += [f"{path}: {n}" for n in names if n.split(".")[0] in HARNESS_MODULES]
+    assert offenders == []
+
+
+# The rooms of the package, lowest first: a module may import its own room and the rooms below
+# it, never a room above it or a sibling room on the same level (docs/design.md, "Module map").
+LEVELS: dict[str, int] = {
+    "errors": 0,
+    "config": 1,
+    "core": 2,
+    "net": 3,
+    "runtime": 3,
+    "engine": 4,
+    "inbound": 5,
+    "outbound": 5,
+    "acme": 5,
+    "cli": 6,
+    "__main__": 7,
+}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every mtls_milter module ``path`` imports, anywhere in the file (relative ones resolved)."""
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package.pop()
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            found.add(module)
+            # "from mtls_milter.inbound import daemon" imports a module, not a name
+            found |= {f"{module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] == "mtls_milter"}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(path): path for path in SRC.rglob("*.py")}
+    return {
+        name: {imported for imported in _imports(path) if imported in modules and imported != name}
+        for name, path in modules.items()
+    }
+
+
+def test_every_module_sits_in_a_known_room() -> None:
+    rooms = {_room(name) for name in _graph()} - {""}
+    assert rooms <= set(LEVELS), rooms - set(LEVELS)
+
+
+def test_imports_point_down_the_rooms() -> None:
+    offenders = []
+    for name, imported in sorted(_graph().items()):
+        room = _room(name)
+        for target in sorted(imported):
+            other = _room(target)
+            if other in ("", room):
+                continue
+            if room and LEVELS[other] >= LEVELS[room]:
+                offenders.append(f"{name} -> {target}")
+    assert offenders == []
+
+
+def test_core_imports_only_core_errors_and_config() -> None:
+    offenders = [
+        f"{name} -> {target}"
+        for name, imported in _graph().items()
+        if _room(name) == "core"
+        for target in imported
+        if _room(target) not in ("core", "errors", "config", "")
+    ]
+    assert offenders == []
+
+
+def test_nothing_imports_the_cli() -> None:
+    offenders = [
+        f"{name} -> {target}"
+        for name, imported in _graph().items()
+        if _room(name) not in ("cli", "__main__")
+        for target in imported
+        if _room(target) == "cli"
+    ]
+    assert offenders == []
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    done: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            cycles.append([*stack[stack.index(name) :], name])
+            return
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert cycles == []
