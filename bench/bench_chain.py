@@ -1,4 +1,4 @@
-"""Chain evidence figures (issue #4): the cost of a cached chain verdict, and slow-peer isolation.
+"""Chain evidence figures (docs/evidence.md): cost of a cached chain verdict, slow-peer isolation.
 
 Run: ``.venv/bin/python bench/bench_chain.py``. Prints figures only (for docs/performance.md).
 

@@ -1,7 +1,7 @@
 """Milter transport figures: mtls-milter vs a null pymilter milter, full conversations per second.
 
 Run: ``.venv/bin/python bench/bench_milter.py`` (or via ``bench/run_all.py``). Prints figures and
-ratios only, never asserts timings (FIELD-NOTES §3 has the reference figures).
+ratios only, never asserts timings (docs/performance.md has the reference figures).
 
 The MTA side is Debian's ``miltertest`` running ``bench/lua/conversation.lua``: one connection
 per message (connect, conninfo, helo, Postfix TLS macros at MAIL for a trusted client

@@ -1,6 +1,7 @@
 """Configuration: one typed, validated, immutable object built once at start-up.
 
-The file format is TOML; key names are those of SPEC §9. Every default lives in this module.
+The file format is TOML; key names are those of the README's configuration reference. Every
+default lives in this module.
 An unknown key or a bad value raises :class:`ConfigError` naming the key and the file.
 """
 
@@ -116,7 +117,10 @@ class PolicyServiceConfig:
 
 @dataclass(frozen=True, slots=True)
 class ChainFetchConfig:
-    """``[chain_fetch]``: fetch the client's chain from its own host's SMTP port (SPEC §3)."""
+    """``[chain_fetch]``: fetch the client's chain from its own host's SMTP port.
+
+    See docs/evidence.md, "How the chain is obtained".
+    """
 
     enabled: bool = True  # runs only when a fingerprint is known and the MTA evidence falls short
     port: int = 25

@@ -1,4 +1,6 @@
-"""Chain evidence end to end (issue #4): real Postfix 3.7 / Sendmail 8.17, real TLS, real DNS.
+"""Chain evidence end to end: real Postfix 3.7 / Sendmail 8.17, real TLS, real DNS.
+
+What chain evidence is and how it is obtained: docs/evidence.md.
 
 The sending client connects FROM a loopback address 127.0.0.N, and a test SMTP server on that
 same 127.0.0.N (port ``[chain_fetch] port``) plays the sender's own host, serving a chosen chain

@@ -509,7 +509,7 @@ def test_sighup_reload(rig: Rig) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# timing over inet: (FIELD-NOTES §3: a ~40 ms Nagle/delayed-ACK stall per message is possible)
+# timing over inet: (docs/performance.md: a ~40 ms Nagle/delayed-ACK stall per message is possible)
 
 TIMED = 20
 

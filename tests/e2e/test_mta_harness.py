@@ -2,7 +2,7 @@
 
 A probe milter (``tests/support/probe_milter.py``, a separate process) records every macro per
 stage and adds ``X-Probe: 1``; the tests send mail in each TLS case and compare the macros with the
-tables of FIELD-NOTES §1 (facts the product's evidence logic relies on, SPEC §3).
+tables below (facts the product's evidence logic relies on, docs/evidence.md).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _fingerprint(pki: TestPki, case: str) -> str:
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
-# FIELD-NOTES §1, Postfix 3.7: {cert_subject}/{cert_issuer} are CNs and only for a chain Postfix
+# Postfix 3.7: {cert_subject}/{cert_issuer} are CNs and only for a chain Postfix
 # trusted (clientAuth or no EKU); TLSv1.3 in every TLS case.
 POSTFIX_EXPECTED: dict[str, dict[str, str | None]] = {
     "plain": {"{tls_version}": ABSENT, "{cert_subject}": ABSENT, "{cert_issuer}": ABSENT},
@@ -203,7 +203,7 @@ POSTFIX_EXPECTED: dict[str, dict[str, str | None]] = {
     "unknown-ca": {"{tls_version}": "TLSv1.3", "{cert_subject}": ABSENT, "{cert_issuer}": ABSENT},
 }
 
-# FIELD-NOTES §1, Sendmail 8.17: values regardless of trust; DNs xtext-encoded (+20 = space).
+# Sendmail 8.17: values regardless of trust; DNs xtext-encoded (+20 = space).
 SENDMAIL_EXPECTED: dict[str, dict[str, str | None]] = {
     "plain": {
         "{tls_version}": ABSENT,
@@ -218,7 +218,7 @@ SENDMAIL_EXPECTED: dict[str, dict[str, str | None]] = {
         "{cn_subject}": "",
         "{cert_subject}": "",
         "{cert_issuer}": "",
-        "{cert_fp}": "",  # measured: sent empty (not in FIELD-NOTES)
+        "{cert_fp}": "",  # measured: sent empty
     },
     "client": {
         "{tls_version}": "TLSv1.3",
@@ -423,7 +423,7 @@ def test_milter_reject_is_reported(kind: str, pki: TestPki, tmp_path: Path) -> N
 
 def test_postfix_reload_ask_ccert_no(pki: TestPki, tmp_path: Path) -> None:
     """reload() applies a changed main.cf; with smtpd_tls_ask_ccert=no no certificate is asked
-    for, so no certificate macro is sent (FIELD-NOTES §1)."""
+    for, so no certificate macro is sent (docs/evidence.md)."""
     _skip_if_missing("postfix")
     probe = ProbeMilter(tmp_path)
     try:

@@ -33,7 +33,7 @@ _REFUSED = "reload refused"
 
 
 # Runs the daemon with serve._set_nodelay_on_listeners replaced by a no-op (libmilter's stock
-# TCP behaviour: Nagle on), to measure what TCP_NODELAY buys (FIELD-NOTES §3).
+# TCP behaviour: Nagle on), to measure what TCP_NODELAY buys (docs/performance.md).
 _NO_NODELAY = (
     "import sys\n"
     "from mtls_milter.cli import main as cli\nfrom mtls_milter.inbound import daemon as serve\n"

@@ -1,4 +1,4 @@
-"""Configuration: defaults, SPEC §9 key names, and clear errors naming the key and the file."""
+"""Configuration: defaults, the README's key names, and clear errors naming the key and the file."""
 
 from __future__ import annotations
 

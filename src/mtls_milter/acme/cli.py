@@ -1,4 +1,4 @@
-"""``mtls-milter acme validate`` and ``mtls-milter acme respond`` (SPEC §8, docs/acme.md).
+"""``mtls-milter acme validate`` and ``mtls-milter acme respond`` (docs/acme.md).
 
 validate exit status: 0 valid, 1 invalid, 2 bad usage or unreadable input, 3 DNS error.
 respond runs until SIGTERM/SIGINT; exit 1 when a listener cannot be bound.

@@ -1,4 +1,4 @@
-"""CA-side validation of ``client-mx-http-01`` and ``server-mx-http-01`` (draft §1.3, SPEC §8).
+"""CA-side validation of ``client-mx-http-01`` and ``server-mx-http-01`` (docs/acme.md).
 
 The CA resolves the domain's Client MX (type 265) or MX (RFC 5321 §5: implicit MX, null MX)
 host names, resolves each host's A/AAAA records through the *same* resolver, and performs the

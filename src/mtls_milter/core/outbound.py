@@ -1,4 +1,4 @@
-"""Outbound (Server MX) policy: what Postfix must require when delivering to a domain (SPEC §7).
+"""Outbound (Server MX) policy: what Postfix must require delivering to a domain (docs/outbound.md).
 
 :func:`tls_policy` maps one ``smtp_tls_policy_maps`` lookup key (a next-hop destination) to a
 :class:`PolicyAnswer`. It is pure apart from the resolver it is given, and never raises.

@@ -226,7 +226,7 @@ def _set_nodelay_on_listeners() -> None:
     """Set TCP_NODELAY on libmilter's listening TCP socket; accepted sockets inherit it.
 
     libmilter writes a reply as several small packets and never sets TCP_NODELAY, so over TCP
-    each message can stall ~40 ms on Nagle + delayed ACK (FIELD-NOTES §3).
+    each message can stall ~40 ms on Nagle + delayed ACK (docs/performance.md).
     """
     for entry in os.listdir("/proc/self/fd"):
         try:

@@ -1,11 +1,11 @@
 """One SMTP STARTTLS handshake that captures the whole certificate chain the server serves.
 
 Shared by ``mtls-milter probe`` (checking MX hosts) and the chain fetcher (fetching a sending
-client's chain from its own host, SPEC §3). Connect, read the greeting, EHLO, STARTTLS, a TLS
-client handshake with SNI and **no trust decision** (the caller validates), then a polite QUIT.
-One deadline covers the whole conversation, so a host that hangs, trickles or talks garbage
-costs at most ``timeout`` seconds. pyOpenSSL is used because Python 3.11's ``ssl`` returns only
-the peer's leaf (FIELD-NOTES §7).
+client's chain from its own host, docs/evidence.md). Connect, read the greeting, EHLO,
+STARTTLS, a TLS client handshake with SNI and **no trust decision** (the caller validates),
+then a polite QUIT. One deadline covers the whole conversation, so a host that hangs, trickles
+or talks garbage costs at most ``timeout`` seconds. pyOpenSSL is used because Python 3.11's
+``ssl`` returns only the peer's leaf (docs/evidence.md, "How the chain is obtained").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``mtls-milter policy-map``: a Postfix ``smtp_tls_policy_maps`` socketmap service (SPEC §7).
+"""``mtls-milter policy-map``: a Postfix ``smtp_tls_policy_maps`` socketmap service.
 
 Postfix connects with ``smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8899:mtls`` and sends
 netstrings ``mtls example.com``; each gets one netstring reply: ``OK secure match=… servername=

@@ -1,4 +1,4 @@
-"""``mtls-milter probe DOMAIN``: check a domain's MX hosts the way a strict sender would (SPEC §7).
+"""``mtls-milter probe DOMAIN``: check a domain's MX hosts as a strict sender would.
 
 For every MX host and each of its addresses (A, then AAAA): connect, EHLO, STARTTLS with SNI =
 the MX host name, record the TLS version and the whole served chain (pyOpenSSL: Python 3.11's
