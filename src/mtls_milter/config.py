@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mtls_milter.endpoints import parse_nameserver, parse_socket_spec
 from mtls_milter.errors import MtlsMilterError
 
 
@@ -209,64 +210,21 @@ def _list_of(item: Converter) -> Converter:
 
 def _socket_spec(value: Any) -> str:
     text = _str(value)
-    check_socket_spec(text)
+    parse_socket_spec(text)
     return text
 
 
 def _optional_socket_spec(value: Any) -> str:
     text = _str(value)
     if text:
-        check_socket_spec(text)
+        parse_socket_spec(text)
     return text
-
-
-def check_socket_spec(text: str) -> None:
-    """Raise ValueError unless ``text`` is a libmilter socket (unix:/path, inet:PORT@HOST…)."""
-    kind, sep, rest = text.partition(":")
-    if not sep or not rest:
-        raise ValueError("expected unix:/path, inet:PORT@HOST or inet6:PORT@HOST")
-    if kind in ("unix", "local"):
-        if not rest.startswith("/"):
-            raise ValueError("a unix socket needs an absolute path")
-        return
-    if kind not in ("inet", "inet6"):
-        raise ValueError(f"unknown socket family {kind!r}; expected unix, inet or inet6")
-    port, _, host = rest.partition("@")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port {port!r}")
-    if not host:
-        raise ValueError("expected inet:PORT@HOST")
 
 
 def _nameserver(value: Any) -> str:
     text = _str(value)
     parse_nameserver(text)
     return text
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """Split ``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or ``IPv6`` into (address, port)."""
-    host, port = text, 53
-    if text.startswith("["):
-        host, sep, tail = text[1:].partition("]")
-        if not sep or (tail and not tail.startswith(":")):
-            raise ValueError(f"bad name server {text!r}")
-        if tail:
-            port = _port(tail[1:], text)
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = _port(port_text, text)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"name server {text!r} is not an IP address (optionally :PORT)") from None
-    return host, port
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port in {whole!r}")
-    return int(text)
 
 
 def _octal_mode(value: Any) -> str:

@@ -19,8 +19,8 @@ from mtls_milter.acme.responder import (
     Responder,
     ResponderThread,
     lookup_token,
-    parse_listen,
 )
+from mtls_milter.endpoints import parse_host_port
 
 TOKEN = "tok_en-0123456789abcdefghijkl"
 KEYAUTH = TOKEN + ".thumbprint_of_the_account_key_xxxxxxxxxxxxx"
@@ -206,10 +206,10 @@ def test_bind_error_is_raised(token_dir: Path) -> None:
     ],
 )
 def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
-    assert parse_listen(text) == expected
+    assert parse_host_port(text) == expected
 
 
 @pytest.mark.parametrize("text", ["80", "::1:80", "[::1]80", "host:port", "a:70000", "[::1]"])
 def test_parse_listen_rejects(text: str) -> None:
     with pytest.raises(ValueError):
-        parse_listen(text)
+        parse_host_port(text)

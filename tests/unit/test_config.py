@@ -15,8 +15,8 @@ from mtls_milter.config import (
     TemperrorAction,
     known_keys,
     load_config,
-    parse_nameserver,
 )
+from mtls_milter.endpoints import parse_nameserver
 
 
 def write(tmp_path: Path, text: str) -> Path:

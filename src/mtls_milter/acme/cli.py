@@ -16,7 +16,7 @@ from typing import Any
 
 from mtls_milter.acme.fetch import http_fetch
 from mtls_milter.acme.keyauth import JwkError, check_thumbprint, jwk_thumbprint
-from mtls_milter.acme.responder import Responder, parse_listen, run_until_signal
+from mtls_milter.acme.responder import Responder, run_until_signal
 from mtls_milter.acme.validator import (
     ChallengeType,
     Status,
@@ -24,7 +24,7 @@ from mtls_milter.acme.validator import (
     ValidatorPolicy,
     validate,
 )
-from mtls_milter.config import parse_nameserver
+from mtls_milter.endpoints import check_dns_option, parse_host_port
 from mtls_milter.errors import InputError
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.runtime.logsetup import add_log_level_option, configure_logging
@@ -123,11 +123,7 @@ def _add_respond(sub: Any) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     """Validate and print; InputError for unusable input."""
     thumbprint = _thumbprint(args)
-    for server in args.dns:
-        try:
-            parse_nameserver(server)
-        except ValueError as exc:
-            raise InputError(f"--dns: {exc}") from None
+    check_dns_option(args.dns)
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: not a TCP port")
     for name in ("timeout", "deadline", "dns_timeout"):
@@ -207,8 +203,8 @@ def run_respond(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise InputError(f"--dir {args.dir}: not a directory")
     try:
-        listen = [parse_listen(text) for text in args.listen]
-        optional = [] if listen else [parse_listen(text) for text in DEFAULT_LISTEN]
+        listen = [parse_host_port(text) for text in args.listen]
+        optional = [] if listen else [parse_host_port(text) for text in DEFAULT_LISTEN]
     except ValueError as exc:
         raise InputError(f"--listen: {exc}") from None
     configure_logging(args.log_level)

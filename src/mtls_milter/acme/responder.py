@@ -45,7 +45,6 @@ __all__ = [
     "Responder",
     "ResponderThread",
     "lookup_token",
-    "parse_listen",
 ]
 
 log = logging.getLogger("mtls_milter.acme.respond")
@@ -67,22 +66,6 @@ _REASONS = {
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); ValueError if malformed."""
-    if text.startswith("["):
-        host, sep, tail = text[1:].partition("]")
-        if not sep or not tail.startswith(":"):
-            raise ValueError(f"bad listen address {text!r} (expected [IPv6]:PORT)")
-        port_text = tail[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"bad listen address {text!r} (expected HOST:PORT or [IPv6]:PORT)")
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ValueError(f"bad port in listen address {text!r}")
-    return host, int(port_text)
 
 
 def lookup_token(directory: Path, token: str) -> tuple[bytes | None, str]:

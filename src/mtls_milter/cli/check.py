@@ -11,13 +11,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mtls_milter.config import Config, ConfigError, load_config, parse_nameserver
+from mtls_milter.config import Config, ConfigError, load_config
 from mtls_milter.core.certs import CertificateInputError, parse_certificates
 from mtls_milter.core.clock import Clock, FixedClock, SystemClock
 from mtls_milter.core.evaluate import Transaction, Verdict
 from mtls_milter.core.evidence import Evidence, chain_evidence, mta_evidence
 from mtls_milter.core.header import render_field
 from mtls_milter.core.quote import quote
+from mtls_milter.endpoints import check_dns_option
 from mtls_milter.engine import Engine
 from mtls_milter.errors import InputError
 
@@ -130,11 +131,7 @@ def _clock(at: str | None) -> Clock:
 
 
 def _nameservers(config: Config, overrides: list[str]) -> tuple[str, ...]:
-    for server in overrides:
-        try:
-            parse_nameserver(server)
-        except ValueError as exc:
-            raise InputError(f"--dns: {exc}") from None
+    check_dns_option(overrides)
     return tuple(overrides) or config.dns.nameservers
 
 

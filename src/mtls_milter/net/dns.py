@@ -33,7 +33,6 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 
-from mtls_milter.config import parse_nameserver
 from mtls_milter.core.lookups import (
     AddressLookup,
     HostLookup,
@@ -42,6 +41,7 @@ from mtls_milter.core.lookups import (
 )
 from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata, exchange_text
 from mtls_milter.core.quote import clip
+from mtls_milter.endpoints import parse_nameserver
 from mtls_milter.net.dnstransport import (
     ConnectedDo53Nameserver,
     describe_errors,

@@ -26,7 +26,7 @@ from typing import Any
 
 from cryptography import x509
 
-from mtls_milter.config import Config, ConfigError, load_config, parse_nameserver
+from mtls_milter.config import Config, ConfigError, load_config
 from mtls_milter.core.certs import (
     CertificateInputError,
     ChainValidator,
@@ -36,6 +36,7 @@ from mtls_milter.core.certs import (
 from mtls_milter.core.lookups import HostLookup, LookupStatus
 from mtls_milter.core.names import normalize_domain
 from mtls_milter.core.outbound import tls_policy
+from mtls_milter.endpoints import check_dns_option
 from mtls_milter.errors import InputError
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.net.starttls import starttls_chain
@@ -210,11 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.timeout <= 600:
         raise InputError(f"--timeout {args.timeout:g}: expected more than 0 and at most 600")
     config = _load(args.config)
-    for server in args.dns:
-        try:
-            parse_nameserver(server)
-        except ValueError as exc:
-            raise InputError(f"--dns: {exc}") from None
+    check_dns_option(args.dns)
     nameservers = tuple(args.dns) or config.dns.nameservers
     trust = [s for s in config.tls.trust if not (args.no_system_trust and s == "system")]
     trust += args.trust

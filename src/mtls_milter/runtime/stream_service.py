@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from mtls_milter.endpoints import parse_socket_spec
+
 STREAM_LIMIT = 2**16  # asyncio's default buffer limit for readuntil/readline
 MAX_CONNECTIONS = 512  # open connections per service
 MAX_PER_PEER = 256  # open connections per peer (IP address or unix user id)
@@ -45,14 +47,13 @@ def parse_listen_spec(spec: str) -> tuple[str, str | int, str]:
 
     Port 0 (an ephemeral port, for tests) is allowed here; the configuration never accepts it.
     """
-    kind, _, rest = spec.partition(":")
-    if kind in ("unix", "local") and rest.startswith("/"):
-        return "unix", rest, ""
-    if kind in ("inet", "inet6"):
-        port, _, host = rest.partition("@")
-        if port.isdigit() and int(port) < 65536 and host:
-            return "inet", int(port), host.strip("[]")
-    raise ValueError(f"bad socket {spec!r}: expected unix:/path or inet:PORT@HOST")
+    try:
+        parsed = parse_socket_spec(spec, ephemeral_port=True)
+    except ValueError:
+        raise ValueError(f"bad socket {spec!r}: expected unix:/path or inet:PORT@HOST") from None
+    if parsed.kind == "unix":
+        return "unix", parsed.path, ""
+    return "inet", parsed.port, parsed.host
 
 
 class RateLimitedLog:
