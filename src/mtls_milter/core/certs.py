@@ -44,9 +44,7 @@ import bisect
 import functools
 import ipaddress
 import re
-import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -68,6 +66,7 @@ from cryptography.x509.verification import (
 )
 
 from mtls_milter.config import DEFAULT_MIN_RSA_BITS, EkuPolicy
+from mtls_milter.core.lru import ExpiringLRU
 from mtls_milter.core.names import normalize_host
 from mtls_milter.core.quote import clip
 from mtls_milter.errors import InputError
@@ -634,9 +633,7 @@ class ChainValidator:
         self._policy_key = (self.eku.value, min_rsa_bits)
         self._store = Store(list(anchors.certificates))
         self._anchor_fps = frozenset(_sha256(c) for c in anchors.certificates)
-        self._cache_size = max(0, cache_size)
-        self._cache: OrderedDict[_CacheKey, _CacheEntry] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: ExpiringLRU[_CacheKey, _CacheEntry] = ExpiringLRU(cache_size)
         self._anchor_transitions = sorted(t for c in anchors.certificates for t in _transitions(c))
         self._wanted: frozenset[ObjectIdentifier] = {
             EkuPolicy.ANY: frozenset(),
@@ -710,18 +707,11 @@ class ChainValidator:
                 return ChainVerdict(False, "no certificate presented", (), "")
             at = _utc(at)
             key = (self._policy_key, tuple(dict.fromkeys(_sha256(c) for c in chain)))
-            with self._lock:
-                entry = self._cache.get(key)
-                if entry is not None and entry.valid_from <= at < entry.valid_until:
-                    self._cache.move_to_end(key)
-                    return entry.verdict
+            entry = self._cache.get(key, lambda entry: entry.valid_from <= at < entry.valid_until)
+            if entry is not None:
+                return entry.verdict
             verdict, valid_from, valid_until = self._validate_client(chain, at)
-            if self._cache_size:
-                with self._lock:
-                    self._cache[key] = _CacheEntry(verdict, valid_from, valid_until)
-                    self._cache.move_to_end(key)
-                    while len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
+            self._cache.put(key, _CacheEntry(verdict, valid_from, valid_until))
             return verdict
         except _MALFORMED_CERTIFICATE as exc:  # lazily parsed fields of a hostile certificate
             return ChainVerdict(False, f"malformed certificate: {_short(exc)}", (), "")

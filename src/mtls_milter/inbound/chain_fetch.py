@@ -20,7 +20,6 @@ import logging
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from mtls_milter.config import ChainFetchConfig
 from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.core.evidence import TlsSession, chain_binding
+from mtls_milter.core.lru import TimedLRU
 from mtls_milter.net.starttls import StartTlsResult, starttls_chain
 
 __all__ = ["MAX_CHAIN", "ChainFetcher", "FetchOutcome", "fetch_allowed"]
@@ -69,30 +69,6 @@ def fetch_allowed(address: str, allow_private: bool) -> bool:
     return allow_private or ip.is_global
 
 
-class _Expiring:
-    """A bounded LRU map with a per-entry expiry time (monotonic); not thread-safe itself."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.items: OrderedDict[str, tuple[float, object]] = OrderedDict()
-
-    def get(self, key: str, now: float) -> object | None:
-        entry = self.items.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= now:
-            del self.items[key]
-            return None
-        self.items.move_to_end(key)
-        return entry[1]
-
-    def put(self, key: str, value: object, expires: float) -> None:
-        self.items[key] = (expires, value)
-        self.items.move_to_end(key)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-
-
 class ChainFetcher:
     """Fetches, binds and caches client chains; one instance serves the whole daemon."""
 
@@ -108,8 +84,9 @@ class ChainFetcher:
         self._clock = clock
         self._ehlo_name = ehlo_name or _local_name()
         self._lock = threading.Lock()
-        self._chains = _Expiring(cache_size)  # leaf SHA-256 (and "md5:" + MD5) -> chain
-        self._failed = _Expiring(NEGATIVE_SIZE)  # address or address|fingerprint -> reason
+        # leaf SHA-256 (and "md5:" + MD5) -> chain; address or address|fingerprint -> reason
+        self._chains: TimedLRU[str, tuple[x509.Certificate, ...]] = TimedLRU(cache_size)
+        self._failed: TimedLRU[str, str] = TimedLRU(NEGATIVE_SIZE)
         self._inflight: dict[tuple[str, int, str], Future[FetchOutcome]] = {}
         self._executor = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="chain-fetch")
         self.fetches = 0  # connections attempted (for tests and benchmarks)
@@ -122,8 +99,8 @@ class ChainFetcher:
         if not key:
             return None
         with self._lock:
-            chain = self._chains.get(key, self._clock())
-        return chain if isinstance(chain, tuple) else None
+            chain = self._chains.get_at(key, self._clock())
+        return chain
 
     # -- fetching ------------------------------------------------------------------------------
 
@@ -148,7 +125,9 @@ class ChainFetcher:
         now = self._clock()
         inflight_key = (address, config.port, key)
         with self._lock:
-            reason = self._failed.get(address, now) or self._failed.get(f"{address}|{key}", now)
+            reason = self._failed.get_at(address, now) or self._failed.get_at(
+                f"{address}|{key}", now
+            )
             if reason is not None:
                 return _done(FetchOutcome(detail=f"chain fetch skipped (recent failure: {reason})"))
             running = self._inflight.get(inflight_key)
@@ -226,15 +205,15 @@ class ChainFetcher:
             )
             with self._lock:
                 if config.negative_ttl:
-                    self._failed.put(
+                    self._failed.put_until(
                         f"{address}|{key}", reason, self._clock() + config.negative_ttl
                     )
             return FetchOutcome(detail=f"chain refused: {reason}", fetched=True)
         with self._lock:
             if config.cache_ttl:
                 expires = self._clock() + config.cache_ttl
-                self._chains.put(fingerprint_sha256(chain[0]), chain, expires)
-                self._chains.put("md5:" + _md5(chain[0]), chain, expires)
+                self._chains.put_until(fingerprint_sha256(chain[0]), chain, expires)
+                self._chains.put_until("md5:" + _md5(chain[0]), chain, expires)
         note = (
             " (bound by MD5 only: the MTA sent no SHA-256 fingerprint)" if binding == "md5" else ""
         )
@@ -253,7 +232,7 @@ class ChainFetcher:
         log.info("chain fetch %s: %s; no chain evidence", where, reason)
         with self._lock:
             if config.negative_ttl:
-                self._failed.put(address, reason, self._clock() + config.negative_ttl)
+                self._failed.put_until(address, reason, self._clock() + config.negative_ttl)
         return FetchOutcome(detail=f"chain fetch failed: {reason}", fetched=True)
 
 

@@ -24,11 +24,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mtls_milter.core.evidence import xtext_decode
+from mtls_milter.core.lru import ExpiringLRU
 from mtls_milter.runtime.stream_service import StreamService
 
 __all__ = [
@@ -75,21 +75,15 @@ class SessionTable:
         ttl: float = TABLE_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._size = max(1, size)
         self._ttl = ttl
         self._clock = clock  # injectable for tests
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, str], PolicyFacts] = OrderedDict()
+        self._items: ExpiringLRU[tuple[str, str], PolicyFacts] = ExpiringLRU(max(1, size))
 
     def record(self, address: str, port: str, facts: PolicyFacts) -> None:
         """Remember ``facts`` for the session; a later request for it replaces them."""
         key = (_norm_address(address), port.strip())
         stamped = replace(facts, recorded=self._clock())
-        with self._lock:
-            self._items[key] = stamped
-            self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+        self._items.put(key, stamped)
 
     def now(self) -> float:
         """The table's clock: what a session's start is measured on for :meth:`get`."""
@@ -100,21 +94,17 @@ class SessionTable:
         ``since`` (the session's start on :meth:`now`'s clock: such a record is an earlier
         session's from the same address and port)."""
         key = (_norm_address(address), port.strip())
-        with self._lock:
-            facts = self._items.get(key)
-            if facts is None:
-                return None
-            if self._clock() - facts.recorded > self._ttl:
-                del self._items[key]
-                return None
-            if since is not None and facts.recorded < since:
-                # Kept: with several MTAs on one daemon, an earlier session may still need it.
-                return None
-            return facts
+        now = self._clock()
+        facts = self._items.get(key, lambda facts: now - facts.recorded <= self._ttl)
+        if facts is None:
+            return None
+        if since is not None and facts.recorded < since:
+            # Kept: with several MTAs on one daemon, an earlier session may still need it.
+            return None
+        return facts
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._items)
 
 
 def _norm_address(address: str) -> str:

@@ -15,9 +15,7 @@ a closed DNS port is noticed at once instead of after the timeout.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +37,7 @@ from mtls_milter.core.lookups import (
     LookupStatus,
     query_name,
 )
+from mtls_milter.core.lru import TimedLRU
 from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata, exchange_text
 from mtls_milter.core.quote import clip
 from mtls_milter.endpoints import parse_nameserver
@@ -105,13 +104,10 @@ class DnsResolver:
         """
         self._timeout = float(timeout)
         self._client_mx_type = int(client_mx_type)
-        self._cache_size = max(0, int(cache_size))
         self._max_cache_ttl = max(0, int(max_cache_ttl))
         self._clock = clock
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, int], tuple[float, Any]] = OrderedDict()
-        self._hits = 0
-        self._misses = 0
+        # (name, rdtype) -> result, until its TTL runs out on the monotonic clock
+        self._cache: TimedLRU[tuple[str, int], Any] = TimedLRU(int(cache_size))
         self._resolver = self._make_resolver(nameservers)
 
     @classmethod
@@ -225,8 +221,7 @@ class DnsResolver:
 
     def cache_stats(self) -> dict[str, int]:
         """Cache counters: hits, misses, size."""
-        with self._lock:
-            return {"hits": self._hits, "misses": self._misses, "size": len(self._cache)}
+        return self._cache.stats()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -307,29 +302,11 @@ class DnsResolver:
         return _QueryOutcome(LookupStatus.OK, rrset=answer.rrset, ttl=ttl)
 
     def _cache_get(self, name: str, rdtype: int) -> Any:
-        if not self._cache_size:
-            return None
-        key = (name, rdtype)
-        with self._lock:
-            entry = self._cache.get(key)
-            if entry is not None:
-                if entry[0] > self._clock():
-                    self._cache.move_to_end(key)
-                    self._hits += 1
-                    return entry[1]
-                del self._cache[key]
-            self._misses += 1
-            return None
+        return self._cache.get_at((name, rdtype), self._clock())
 
     def _cache_put(self, name: str, rdtype: int, value: Any, ttl: int) -> None:
-        if not self._cache_size or ttl <= 0:
-            return
-        key = (name, rdtype)
-        with self._lock:
-            self._cache[key] = (self._clock() + ttl, value)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        if ttl > 0:
+            self._cache.put_until((name, rdtype), value, self._clock() + ttl)
 
 
 def _hosts_from_outcome(
