@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-import threading
-from concurrent.futures import Future
-from types import TracebackType
-from typing import Self
+from collections.abc import Callable
 
 from mtls_milter.config import PolicyMapConfig
 from mtls_milter.core.lookups import MxResolver
 from mtls_milter.outbound.netstring import NetstringReader, encode
 from mtls_milter.outbound.policy_map import PolicyMapService
-from mtls_milter.runtime.stream_service import Listener
+from mtls_milter.runtime.service_thread import ServiceThread
 
 __all__ = ["PolicyMapController", "socketmap_query"]
 
 
-class PolicyMapController:
+class PolicyMapController(ServiceThread):
     """``with PolicyMapController(resolver) as pm:`` serves on ``pm.host:pm.port``."""
 
     def __init__(
@@ -32,45 +30,19 @@ class PolicyMapController:
         self.service = PolicyMapService(self.config, resolver, budget=budget)
         self.host = "127.0.0.1"
         self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: Listener | None = None
+        super().__init__(self._serve_map, name="policy-map", log=logging.getLogger(__name__))
 
-    def start(self) -> Self:
-        """Open the socket and serve."""
-        self._thread.start()
-        future: Future[Listener] = asyncio.run_coroutine_threadsafe(
-            self.service.listen(), self._loop
-        )
-        self._server = future.result(10)
-        sockname = self._server.sockets[0].getsockname()
+    async def _serve_map(self, stop: asyncio.Event, ready: Callable[[], None]) -> None:
+        server = await self.service.listen()
+        sockname = server.sockets[0].getsockname()
         if isinstance(sockname, tuple):
             self.host, self.port = str(sockname[0]), int(sockname[1])
-        return self
-
-    def stop(self) -> None:
-        """Close the server and its connections, stop the loop."""
-
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
+        ready()
+        try:
+            await stop.wait()
+        finally:
+            server.close()
             await self.service.close()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def query(self, *keys: str, name: str = "mtls") -> list[str]:
         """Send ``name key`` requests pipelined on one connection; return the replies."""

@@ -23,14 +23,13 @@ import logging
 import os
 import signal
 import stat
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from mtls_milter.acme.keyauth import is_token
 from mtls_milter.acme.validator import CHALLENGE_PATH
+from mtls_milter.runtime.service_thread import ServiceThread
 from mtls_milter.runtime.stream_service import (
     ConnectionLimits,
     Listener,
@@ -300,64 +299,22 @@ def _log_line(peer: str, request: _Request, status: int, size: int, note: str) -
     )
 
 
-class ResponderThread:
+class ResponderThread(ServiceThread):
     """A :class:`Responder` on its own event loop in a daemon thread (context manager)."""
 
     def __init__(self, directory: Path | str, listen: Sequence[tuple[str, int]]) -> None:
         self.responder = Responder(directory, listen)
-        self._loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="acme-responder", daemon=True)
+        super().__init__(self._serve_tokens, name="acme-responder", log=log)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs."""
         return self.responder.addresses
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def main() -> None:
-            try:
-                await self.responder.start()
-            except BaseException as exc:
-                self._error = exc
-                return
-            finally:
-                self._ready.set()
-            await self.responder.serve_forever(self._stop)
-
-        self._loop.run_until_complete(main())
-        self._loop.close()
-
-    def start(self) -> ResponderThread:
-        """Start and wait until listening; re-raise a bind error."""
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            self._thread.join(5)
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and join the thread."""
-        if self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(10)
-
-    def __enter__(self) -> ResponderThread:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    async def _serve_tokens(self, stop: asyncio.Event, ready: Callable[[], None]) -> None:
+        await self.responder.start()
+        ready()
+        await self.responder.serve_forever(stop)
 
 
 async def run_until_signal(responder: Responder) -> None:

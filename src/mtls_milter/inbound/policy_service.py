@@ -20,15 +20,14 @@ reply is ``action=...`` and an empty line; one connection carries many requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mtls_milter.core.evidence import xtext_decode
 from mtls_milter.core.lru import ExpiringLRU
+from mtls_milter.runtime.service_thread import ServiceThread
 from mtls_milter.runtime.stream_service import StreamService
 
 __all__ = [
@@ -228,49 +227,18 @@ class PolicyService(StreamService):
         return True
 
 
-class PolicyServiceThread:
+class PolicyServiceThread(ServiceThread):
     """Run a :class:`PolicyService` in its own thread with its own event loop."""
 
     def __init__(self, service: PolicyService) -> None:
         self.service = service
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="policy-service", daemon=True)
+        super().__init__(self._serve_policy, name="policy-service", log=log, join_timeout=5)
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Start and wait until the socket is open; OSError/ValueError when it cannot be."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise OSError(f"policy service did not start within {timeout:g} s")
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except Exception as exc:
-            if not self._ready.is_set():
-                self._error = exc
-                self._ready.set()
-            else:
-                log.exception("policy service stopped with an error")
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+    async def _serve_policy(self, stop: asyncio.Event, ready: Callable[[], None]) -> None:
         server = await self.service.listen()
-        self._ready.set()
+        ready()
         try:
-            await self._stop.wait()
+            await stop.wait()
         finally:
             server.close()
             await self.service.close()
