@@ -12,5 +12,9 @@ class MtlsMilterError(Exception):
     """Base class of every error mtls-milter raises deliberately."""
 
 
+class StartupError(MtlsMilterError):
+    """A service (the milter daemon, the socketmap service) cannot start; the message says why."""
+
+
 class InputError(MtlsMilterError, ValueError):
     """Outside input (a macro, a record, a certificate, a request) cannot be used."""

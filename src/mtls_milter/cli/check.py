@@ -21,15 +21,22 @@ from mtls_milter.core.quote import quote
 from mtls_milter.endpoints import check_dns_option
 from mtls_milter.engine import Engine
 from mtls_milter.errors import InputError
+from mtls_milter.runtime.options import (
+    add_command,
+    add_config_option,
+    add_dns_option,
+    add_trust_options,
+)
 
 __all__ = ["InputError", "add_parser", "explain", "run"]  # probe and acme raise InputError too
 
 
 def add_parser(commands: Any) -> None:
     """Register the ``check`` subcommand."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "check",
-        help="evaluate one case offline",
+        summary="evaluate one case offline",
         description="Evaluate one transaction offline: the MAIL FROM address and either a "
         "certificate chain or a CN the MTA verified. Exit 0 when a result was computed.",
     )
@@ -38,24 +45,9 @@ def add_parser(commands: Any) -> None:
     evidence.add_argument("--chain", metavar="PEM", help="client chain: leaf + intermediates")
     evidence.add_argument("--mta-cn", metavar="NAME", help="CN of a certificate the MTA verified")
     parser.add_argument("--helo", default="", metavar="NAME", help="HELO/EHLO name")
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    parser.add_argument(
-        "--dns",
-        action="append",
-        default=[],
-        metavar="IP[:PORT]",
-        help="name server to ask (repeatable; default: the configuration, else the system's)",
-    )
-    parser.add_argument(
-        "--trust",
-        action="append",
-        default=[],
-        metavar="PEM",
-        help="extra trust anchors (repeatable)",
-    )
-    parser.add_argument(
-        "--no-system-trust", action="store_true", help="do not trust the system CA bundle"
-    )
+    add_config_option(parser)
+    add_dns_option(parser)
+    add_trust_options(parser, "extra trust anchors (repeatable)")
     parser.add_argument("--at", metavar="ISO-8601", help="validation time (default: now)")
     parser.add_argument("--authserv-id", metavar="ID", help="authserv-id for the header")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -27,10 +27,12 @@ import milter
 from mtls_milter.config import Config, ConfigError, load_config
 from mtls_milter.core.certs import CertificateInputError
 from mtls_milter.engine import Engine
+from mtls_milter.errors import StartupError
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
 from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
-from mtls_milter.runtime.logsetup import add_log_level_option, configure_logging
+from mtls_milter.runtime.logsetup import configure_logging
+from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
 
 log = logging.getLogger("mtls_milter")
@@ -40,21 +42,16 @@ MILTER_TIMEOUT = 600  # seconds libmilter waits for the MTA between commands
 PREFETCH_THREADS = 32
 
 
-class StartupError(Exception):
-    """The daemon cannot start; the message says why."""
-
-
 def add_parser(commands: Any) -> None:
     """Register the ``serve`` subcommand."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "serve",
-        help="run the milter daemon in the foreground",
+        summary="run the milter daemon in the foreground",
         description="Run the milter in the foreground. Without --config it runs on the "
         "built-in defaults. SIGHUP reloads the configuration and trust store; SIGTERM stops.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    add_log_level_option(parser)
-    parser.set_defaults(handler=run)
+    add_daemon_options(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,9 +26,11 @@ from mtls_milter.config import Config, ConfigError, PolicyMapConfig, load_config
 from mtls_milter.core.lookups import MxResolver
 from mtls_milter.core.outbound import PolicyKind, tls_policy
 from mtls_milter.core.quote import quote
+from mtls_milter.errors import StartupError
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.outbound.netstring import NetstringError, NetstringReader, encode
-from mtls_milter.runtime.logsetup import add_log_level_option, configure_logging
+from mtls_milter.runtime.logsetup import configure_logging
+from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
 from mtls_milter.runtime.stream_service import Listener, StreamService
 
@@ -41,22 +43,17 @@ WORKER_THREADS = 16
 UNIX_SOCKET_MODE = 0o666  # the socket gives out only public DNS facts; Postfix runs as postfix
 
 
-class StartupError(Exception):
-    """The service cannot start; the message says why."""
-
-
 def add_parser(commands: Any) -> None:
     """Register the ``policy-map`` subcommand."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "policy-map",
-        help="run the Postfix smtp_tls_policy_maps socketmap service in the foreground",
+        summary="run the Postfix smtp_tls_policy_maps socketmap service in the foreground",
         description="Serve Postfix's smtp_tls_policy_maps over the socketmap protocol: "
         "domains that publish Client MX get 'secure match=<MX hosts> servername=hostname'. "
         "Listens on [policy_map] socket (default inet:8899@127.0.0.1). SIGTERM stops.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    add_log_level_option(parser)
-    parser.set_defaults(handler=run)
+    add_daemon_options(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:

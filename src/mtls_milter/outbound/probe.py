@@ -41,6 +41,12 @@ from mtls_milter.errors import InputError
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.net.starttls import starttls_chain
 from mtls_milter.net.trust import load_trust_anchors
+from mtls_milter.runtime.options import (
+    add_command,
+    add_config_option,
+    add_dns_option,
+    add_trust_options,
+)
 
 __all__ = [
     "EXIT_DNS",
@@ -63,9 +69,10 @@ EHLO_NAME = "mtls-milter-probe.invalid"
 
 def add_parser(commands: Any) -> None:
     """Register the ``probe`` subcommand."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "probe",
-        help="check the MX hosts of a domain: STARTTLS, chain, names, Client MX",
+        summary="check the MX hosts of a domain: STARTTLS, chain, names, Client MX",
         description="Connect to every MX host (every A/AAAA address) of DOMAIN with STARTTLS "
         "and SNI, validate the served chain and the MX name, and report whether DOMAIN "
         "publishes Client MX. Exit 0 all verified, 1 some failed, 2 usage, 3 DNS failure.",
@@ -73,19 +80,8 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("domain", metavar="DOMAIN", help="recipient domain to check")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--port", type=int, default=25, help="SMTP port (default 25)")
-    parser.add_argument(
-        "--dns",
-        action="append",
-        default=[],
-        metavar="IP[:PORT]",
-        help="name server to ask (repeatable; default: the configuration, else the system's)",
-    )
-    parser.add_argument(
-        "--trust", action="append", default=[], metavar="PEM", help="extra trust anchors"
-    )
-    parser.add_argument(
-        "--no-system-trust", action="store_true", help="do not trust the system CA bundle"
-    )
+    add_dns_option(parser)
+    add_trust_options(parser, "extra trust anchors")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -93,7 +89,7 @@ def add_parser(commands: Any) -> None:
         metavar="S",
         help="seconds for the whole conversation with one address (default 10)",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    add_config_option(parser)
     parser.set_defaults(handler=run)
 
 

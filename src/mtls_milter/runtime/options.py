@@ -1,0 +1,52 @@
+"""Command-line options several subcommands share, declared once.
+
+Each subcommand's module registers its own parser (the CLI only collects them), so the shared
+pieces live here, below every surface: the daemons' ``--config``/``--log-level`` pair, and the
+``--dns``/``--trust`` options of the offline commands (check, probe).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from mtls_milter.runtime.logsetup import add_log_level_option
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_command(commands: Any, name: str, *, summary: str, description: str) -> Any:
+    """Register subcommand ``name`` (``summary`` for the command list) and return its parser."""
+    return commands.add_parser(name, help=summary, description=description)
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: the TOML configuration (the built-in defaults without it)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+
+
+def add_daemon_options(parser: argparse.ArgumentParser, handler: Handler) -> None:
+    """What every foreground service takes: ``--config``, ``--log-level``; then its handler."""
+    add_config_option(parser)
+    add_log_level_option(parser)
+    parser.set_defaults(handler=handler)
+
+
+def add_dns_option(parser: argparse.ArgumentParser) -> None:
+    """``--dns IP[:PORT]`` (repeatable): name servers replacing the configured ones."""
+    parser.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="name server to ask (repeatable; default: the configuration, else the system's)",
+    )
+
+
+def add_trust_options(parser: argparse.ArgumentParser, trust_help: str) -> None:
+    """``--trust PEM`` (repeatable) and ``--no-system-trust``."""
+    parser.add_argument("--trust", action="append", default=[], metavar="PEM", help=trust_help)
+    parser.add_argument(
+        "--no-system-trust", action="store_true", help="do not trust the system CA bundle"
+    )
