@@ -26,7 +26,8 @@ from support.dnsserver import TestDnsServer
 from support.pki import build_test_pki
 
 from mtls_milter.config import Config, DnsConfig
-from mtls_milter.core.certs import ChainValidator, TrustAnchors, parse_certificates
+from mtls_milter.core.certs import TrustAnchors, parse_certificates
+from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.clock import FixedClock
 from mtls_milter.core.evaluate import Result, Transaction, evaluate
 from mtls_milter.core.evidence import chain_evidence

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from mtls_milter.net.trust import load_trust_anchors
 from support.pki import TestPki, build_test_pki
 
-from mtls_milter.core.certs import ChainValidator, TrustAnchors
+from mtls_milter.core.certs import TrustAnchors
+from mtls_milter.core.chain import ChainValidator
+from mtls_milter.net.trust import load_trust_anchors
 
 
 @pytest.fixture(scope="session")

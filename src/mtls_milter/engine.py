@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from mtls_milter.config import Config
-from mtls_milter.core.certs import ChainValidator
+from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.clock import Clock, SystemClock
 from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
 from mtls_milter.core.evidence import Evidence

@@ -24,7 +24,9 @@ from support.dnsserver import TestDnsServer
 from support.pki import SENDER_HOST, Issued, TestPki
 
 from mtls_milter.cli.main import main
-from mtls_milter.core.certs import ChainValidator, ChainVerdict, TrustAnchors, key_problem
+from mtls_milter.core.certs import TrustAnchors
+from mtls_milter.core.chain import ChainValidator, ChainVerdict
+from mtls_milter.core.keys import key_problem
 
 H = SENDER_HOST
 OK = ""

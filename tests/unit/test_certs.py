@@ -12,14 +12,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mtls_milter.net.trust import load_trust_anchors
 from support.pki import CLIENT_AUTH, SERVER_AUTH, TestPki, write_bundle
 
 from mtls_milter.config import EkuPolicy
 from mtls_milter.core.certs import (
     MAX_CHAIN_CERTS,
     CertificateInputError,
-    ChainValidator,
     TrustAnchors,
     certificate_names,
     fingerprint_sha256,
@@ -27,6 +25,8 @@ from mtls_milter.core.certs import (
     normalize_fingerprint,
     parse_certificates,
 )
+from mtls_milter.core.chain import ChainValidator
+from mtls_milter.net.trust import load_trust_anchors
 
 SOC, CLI, ANY = EkuPolicy.SERVER_OR_CLIENT, EkuPolicy.CLIENT, EkuPolicy.ANY
 OK = ""

@@ -11,12 +11,8 @@ import pytest
 from support.pki import TestPki
 
 from mtls_milter.config import Config, PolicyConfig, TlsConfig
-from mtls_milter.core.certs import (
-    ChainValidator,
-    TrustAnchors,
-    certificate_names,
-    parse_certificates,
-)
+from mtls_milter.core.certs import TrustAnchors, certificate_names, parse_certificates
+from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.clock import FixedClock
 from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
 from mtls_milter.core.evidence import (

@@ -31,14 +31,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mtls_milter.core.certs import (
-    MAX_CHAIN_CERTS,
-    ChainValidator,
-    TrustAnchors,
-    certificate_names,
-    key_problem,
-    name_matches,
-)
+from mtls_milter.core.certs import MAX_CHAIN_CERTS, TrustAnchors, certificate_names, name_matches
+from mtls_milter.core.chain import ChainValidator
+from mtls_milter.core.keys import key_problem
 
 # Some cases deliberately hold certificates with non-positive serial numbers.
 pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")

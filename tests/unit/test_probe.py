@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from mtls_milter.net.trust import load_trust_anchors
 from support.dnsserver import TestDnsServer
 from support.pki import SERVER_AUTH, Issued, TestPki
 from support.smtp_tls_server import StartTlsServer
 
 from mtls_milter.cli.main import main
-from mtls_milter.core.certs import ChainValidator
+from mtls_milter.core.chain import ChainValidator
 from mtls_milter.net.dns import DnsResolver
+from mtls_milter.net.trust import load_trust_anchors
 from mtls_milter.outbound.probe import probe_domain
 
 HOST_KEYS = {

@@ -20,7 +20,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mtls_milter.config import Config
-from mtls_milter.core.certs import ChainValidator, TrustAnchors
+from mtls_milter.core.certs import TrustAnchors
+from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.clock import FixedClock
 from mtls_milter.core.evaluate import Result, Transaction, evaluate
 from mtls_milter.core.evidence import Evidence, session_from_macros

@@ -12,7 +12,8 @@ from enum import StrEnum
 from typing import Any
 
 from mtls_milter.config import Config
-from mtls_milter.core.certs import ChainValidator, name_matches
+from mtls_milter.core.certs import name_matches
+from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.clock import Clock
 from mtls_milter.core.evidence import CertPresence, Evidence, EvidenceKind
 from mtls_milter.core.header import MtlsField

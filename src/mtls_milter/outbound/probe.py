@@ -27,12 +27,8 @@ from typing import Any
 from cryptography import x509
 
 from mtls_milter.config import Config, ConfigError, load_config
-from mtls_milter.core.certs import (
-    CertificateInputError,
-    ChainValidator,
-    certificate_names,
-    name_matches,
-)
+from mtls_milter.core.certs import CertificateInputError, certificate_names, name_matches
+from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.lookups import HostLookup, LookupStatus
 from mtls_milter.core.names import normalize_domain
 from mtls_milter.core.outbound import tls_policy
