@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import benchpath  # noqa: F401  (tests/ on sys.path for support.*)
 from bench_milter import (
     Bench,
     Figure,
@@ -29,10 +30,10 @@ from bench_milter import (
     build_nodelay_shim,
     ensure_miltertest,
     fmt,
-    free_port,
     ratio,
     short_tmpdir,
 )
+from support.ports import free_port
 
 HERE = Path(__file__).resolve().parent
 NULL_INBOUND = HERE / "null_inbound.py"

@@ -34,7 +34,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from typing import Any
 
 import benchpath  # noqa: F401  (tests/ on sys.path for support.*)
 from support.dnsserver import TestDnsServer
+from support.ports import free_port
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "lua" / "conversation.lua"
@@ -164,13 +164,6 @@ def ensure_miltertest() -> str | None:
         tail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
         print("SKIP: could not install miltertest: " + " | ".join(tail))
     return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def write_config(tmp: Path, name: str, spec: str, nameserver: str) -> Path:

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.b64 import b64decode, b64encode
 from josepy.jwk import JWK, JWKEC
 from support.dnsserver import TestDnsServer
-from support.httphost import Handler, HttpHost, free_port
+from support.httphost import Handler, HttpHost
+from support.ports import free_port
 
 from mtls_milter.acme.fetch import http_fetch
 from mtls_milter.acme.responder import ResponderThread

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fixtures_acme import Account
 from support.dnsserver import TestDnsServer
-from support.httphost import free_port
+from support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

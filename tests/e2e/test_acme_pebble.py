@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from fixtures_acme import MxHosts
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
-from support.httphost import free_port
+from support.ports import free_port
 
 from mtls_milter.acme.validator import Status
 

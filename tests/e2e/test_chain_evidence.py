@@ -30,15 +30,9 @@ from typing import Any
 import pytest
 from support.daemon import MilterDaemon
 from support.dnsserver import TestDnsServer
-from support.mta import (
-    MtaTls,
-    PostfixHarness,
-    SendmailHarness,
-    free_port,
-    missing_mta,
-    send_message,
-)
+from support.mta import MtaTls, PostfixHarness, SendmailHarness, missing_mta, send_message
 from support.pki import TestPki, write_bundle
+from support.ports import free_port
 from support.smtp_tls_server import StartTlsServer
 
 pytestmark = pytest.mark.e2e

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 
 import dns.rdata
 import pytest
+from support.ports import free_port
 
 from mtls_milter.core.lookups import LookupStatus
 from mtls_milter.net.dns import DnsResolver
@@ -25,21 +25,6 @@ def mx_hex(text: str) -> str:
     return wire.hex()
 
 
-def free_port() -> int:
-    # A port free for both UDP and TCP (dnsmasq binds both).
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise OSError("no free port")
-
-
 @pytest.fixture
 def dnsmasq() -> Iterator[str]:
     """A dnsmasq serving the test zone; yields its ``127.0.0.1:PORT``."""
@@ -48,7 +33,7 @@ def dnsmasq() -> Iterator[str]:
             f"!!! {DNSMASQ} is missing: install the Debian package dnsmasq-base "
             "(the Makefile does this in CI) to run the real-DNS-server tests !!!"
         )
-    port = free_port()
+    port = free_port(udp=True)
     command = [
         DNSMASQ,
         "--no-daemon",

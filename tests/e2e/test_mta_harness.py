@@ -27,12 +27,11 @@ from support.mta import (
     PostfixHarness,
     SendmailHarness,
     SmtpOutcome,
-    free_port,
     missing_mta,
     send_message,
-    wait_for_port,
 )
 from support.pki import TestPki
+from support.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.e2e
 

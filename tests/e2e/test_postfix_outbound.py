@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.mta import free_port
 from support.pki import SERVER_AUTH, TestPki
 from support.policy_map import socketmap_query
+from support.ports import free_port
 from support.postfix_sender import (
     LoopbackDnsServer,
     PostfixSender,

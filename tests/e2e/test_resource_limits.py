@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 from support.daemon import MilterDaemon, toml_text
 from support.dnsserver import TestDnsServer
-from support.httphost import free_port
 from support.milter_client import MilterClient, full_conversation
 from support.policy_map import socketmap_query
+from support.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from support.ports import free_port
+
 __all__ = ["DaemonError", "MilterDaemon", "toml_text"]
 
 ConfigMapping = Mapping[str, Mapping[str, Any]]
@@ -68,13 +70,6 @@ def toml_text(config: ConfigMapping) -> str:
     return "\n".join(lines)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class MilterDaemon:
     """``mtls-milter serve`` in a subprocess on ``inet:PORT@127.0.0.1``.
 
@@ -94,7 +89,7 @@ class MilterDaemon:
         nodelay: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.config_path = self.workdir / "mtls-milter.toml"
         self.log_path = self.workdir / "mtls-milter.log"
         self.start_timeout = start_timeout

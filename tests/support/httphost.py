@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-__all__ = ["HttpHost", "Reply", "Request", "free_port"]
+__all__ = ["HttpHost", "Reply", "Request"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,28 +42,6 @@ class Reply:
 
 
 Handler = Callable[[Request], Reply]
-
-
-def free_port(addresses: tuple[str, ...] = ("127.0.0.1",)) -> int:
-    """A TCP port that is free on every one of ``addresses`` right now."""
-    for _ in range(50):
-        probe = socket.socket()
-        probe.bind((addresses[0], 0))
-        port = int(probe.getsockname()[1])
-        others: list[socket.socket] = []
-        try:
-            for address in addresses[1:]:
-                sock = socket.socket()
-                others.append(sock)
-                sock.bind((address, port))
-        except OSError:
-            continue
-        finally:
-            probe.close()
-            for sock in others:
-                sock.close()
-        return port
-    raise OSError("no port free on all of " + ", ".join(addresses))
 
 
 class HttpHost:

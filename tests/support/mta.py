@@ -37,6 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from support.ports import free_port
+
 __all__ = [
     "POSTFIX_BIN",
     "SENDMAIL_ROOT",
@@ -47,10 +49,8 @@ __all__ = [
     "SendmailHarness",
     "SmtpOutcome",
     "SmtpReply",
-    "free_port",
     "missing_mta",
     "send_message",
-    "wait_for_port",
 ]
 
 #: Where ``install_mtas.sh`` unpacks the Sendmail packages (override with $MTLS_SENDMAIL_ROOT).
@@ -77,27 +77,6 @@ class MtaTls:
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
-    """Wait until something accepts TCP connections on ``host:port``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.02)
 
 
 def _wait_for_banner(port: int, timeout: float, alive: Iterator[bool] | None = None) -> None:

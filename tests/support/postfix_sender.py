@@ -34,14 +34,8 @@ from typing import Self
 import dns.message
 
 from support.dnsserver import TestDnsServer
-from support.mta import (
-    POSTFIX_MASTER_CF,
-    MtaError,
-    free_port,
-    missing_mta,
-    run_postfix,
-    wait_for_port,
-)
+from support.mta import POSTFIX_MASTER_CF, MtaError, missing_mta, run_postfix
+from support.ports import free_port, wait_for_port
 
 __all__ = ["LoopbackDnsServer", "PostfixSender", "missing_sender_support"]
 

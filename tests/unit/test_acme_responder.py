@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.httphost import free_port
+from support.ports import free_port
 
 from mtls_milter.acme.responder import (
     MAX_FILE,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from support import ports
 from support.dnsserver import TestDnsServer
 from support.pki import SERVER_AUTH, Issued, TestPki
 from support.smtp_tls_server import StartTlsServer
@@ -75,10 +75,7 @@ def certs(pki: TestPki) -> Certs:
 @pytest.fixture
 def free_port() -> int:
     """A port free on all the loopback addresses the servers use (they all share it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    return ports.free_port()
 
 
 @pytest.fixture
