@@ -49,6 +49,10 @@ class TemperrorAction(StrEnum):
 DEFAULT_MILTER_SOCKET = "inet:8898@127.0.0.1"
 DEFAULT_POLICY_MAP_SOCKET = "inet:8899@127.0.0.1"
 DEFAULT_CLIENT_MX_TYPE = 265
+DEFAULT_DNS_TIMEOUT = 2.0  # seconds, one lookup
+DEFAULT_DNS_BUDGET = 5.0  # seconds, all DNS work for one message (or one socketmap request)
+DEFAULT_DNS_CACHE_SIZE = 10_000  # answers kept
+DEFAULT_MAX_CACHE_TTL = 3600  # seconds; longer TTLs are capped
 DEFAULT_MIN_RSA_BITS = 2048
 
 
@@ -69,11 +73,11 @@ class DnsConfig:
     """``[dns]``: resolver, time limits, cache and the Client MX type number."""
 
     nameservers: tuple[str, ...] = ()  # empty: the system resolver (/etc/resolv.conf)
-    timeout: float = 2.0  # seconds, one lookup
-    budget: float = 5.0  # seconds, all DNS work for one message
+    timeout: float = DEFAULT_DNS_TIMEOUT
+    budget: float = DEFAULT_DNS_BUDGET
     client_mx_type: int = DEFAULT_CLIENT_MX_TYPE
-    cache_size: int = 10_000  # answers kept
-    max_cache_ttl: int = 3600  # seconds; longer TTLs are capped
+    cache_size: int = DEFAULT_DNS_CACHE_SIZE
+    max_cache_ttl: int = DEFAULT_MAX_CACHE_TTL
 
 
 @dataclass(frozen=True, slots=True)

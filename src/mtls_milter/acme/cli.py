@@ -24,6 +24,7 @@ from mtls_milter.acme.validator import (
     ValidatorPolicy,
     validate,
 )
+from mtls_milter.config import DEFAULT_CLIENT_MX_TYPE, DEFAULT_DNS_TIMEOUT
 from mtls_milter.endpoints import check_dns_option, parse_host_port
 from mtls_milter.errors import InputError
 from mtls_milter.net.dns import DnsResolver
@@ -78,9 +79,13 @@ def _add_validate(sub: Any) -> None:
         metavar="IP[:PORT]",
         help="name server to ask (repeatable; default: the system's)",
     )
-    parser.add_argument("--dns-timeout", type=float, default=2.0, metavar="S")
+    parser.add_argument("--dns-timeout", type=float, default=DEFAULT_DNS_TIMEOUT, metavar="S")
     parser.add_argument(
-        "--client-mx-type", type=int, default=265, metavar="N", help="Client MX RR type"
+        "--client-mx-type",
+        type=int,
+        default=DEFAULT_CLIENT_MX_TYPE,
+        metavar="N",
+        help="Client MX RR type",
     )
     parser.add_argument(
         "--port", type=int, default=80, help="HTTP port (RFC 8555: 80; others for tests)"

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from mtls_milter.config import DEFAULT_DNS_BUDGET
 from mtls_milter.core.lookups import HostLookup, LookupStatus, MxResolver
 from mtls_milter.core.names import normalize_domain
 from mtls_milter.core.quote import clip, quote
@@ -94,7 +95,7 @@ def _not_a_domain_key(key: str) -> str:
 def tls_policy(
     key: str,
     resolver: MxResolver,
-    budget: float = 5.0,
+    budget: float = DEFAULT_DNS_BUDGET,
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> PolicyAnswer:

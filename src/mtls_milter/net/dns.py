@@ -31,6 +31,12 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 
+from mtls_milter.config import (
+    DEFAULT_CLIENT_MX_TYPE,
+    DEFAULT_DNS_CACHE_SIZE,
+    DEFAULT_DNS_TIMEOUT,
+    DEFAULT_MAX_CACHE_TTL,
+)
 from mtls_milter.core.lookups import (
     AddressLookup,
     HostLookup,
@@ -91,10 +97,10 @@ class DnsResolver:
         self,
         nameservers: Sequence[str] = (),
         *,
-        timeout: float = 2.0,
-        client_mx_type: int = 265,
-        cache_size: int = 10_000,
-        max_cache_ttl: int = 3600,
+        timeout: float = DEFAULT_DNS_TIMEOUT,
+        client_mx_type: int = DEFAULT_CLIENT_MX_TYPE,
+        cache_size: int = DEFAULT_DNS_CACHE_SIZE,
+        max_cache_ttl: int = DEFAULT_MAX_CACHE_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Resolve through ``nameservers`` (``IP``, ``IP:PORT``, ``[IPv6]:PORT``).

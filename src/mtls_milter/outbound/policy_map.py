@@ -22,7 +22,13 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mtls_milter.config import Config, ConfigError, PolicyMapConfig, load_config
+from mtls_milter.config import (
+    DEFAULT_DNS_BUDGET,
+    Config,
+    ConfigError,
+    PolicyMapConfig,
+    load_config,
+)
 from mtls_milter.core.lookups import MxResolver
 from mtls_milter.core.outbound import PolicyKind, tls_policy
 from mtls_milter.core.quote import quote
@@ -105,7 +111,7 @@ class PolicyMapService(StreamService):
         config: PolicyMapConfig,
         resolver: MxResolver,
         *,
-        budget: float = 5.0,
+        budget: float = DEFAULT_DNS_BUDGET,
         workers: int = WORKER_THREADS,
     ) -> None:
         super().__init__(config.socket, socket_mode=UNIX_SOCKET_MODE, log=log)

@@ -26,7 +26,7 @@ from typing import Any
 
 from cryptography import x509
 
-from mtls_milter.config import Config, ConfigError, load_config
+from mtls_milter.config import DEFAULT_DNS_BUDGET, Config, ConfigError, load_config
 from mtls_milter.core.certs import CertificateInputError, certificate_names, name_matches
 from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.lookups import HostLookup, LookupStatus
@@ -248,7 +248,7 @@ def probe_domain(
     *,
     port: int = 25,
     timeout: float = 10.0,
-    budget: float = 5.0,
+    budget: float = DEFAULT_DNS_BUDGET,
     now: datetime | None = None,
 ) -> ProbeReport:
     """Resolve ``domain`` and probe every address of every MX host concurrently."""
