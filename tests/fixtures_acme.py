@@ -18,7 +18,8 @@ from support.ports import free_port
 
 from mtls_milter.acme.fetch import http_fetch
 from mtls_milter.acme.responder import ResponderThread
-from mtls_milter.acme.validator import ValidationResult, ValidatorPolicy, validate
+from mtls_milter.acme.results import ValidationResult, ValidatorPolicy
+from mtls_milter.acme.validator import validate
 from mtls_milter.net.dns import DnsResolver
 
 ADDRESSES = tuple(f"127.0.0.{i}" for i in range(2, 8))

@@ -30,7 +30,7 @@ from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 from support.ports import free_port
 
-from mtls_milter.acme.validator import Status
+from mtls_milter.acme.results import Status
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,8 @@ from josepy.jwk import JWK, JWKEC, JWKRSA
 from mtls_milter.acme.fetch import FetchRequest, http_fetch
 from mtls_milter.acme.keyauth import JwkError, jwk_thumbprint, key_authorization
 from mtls_milter.acme.responder import ResponderThread
-from mtls_milter.acme.validator import CHALLENGE_PATH, Status
+from mtls_milter.acme.results import Status
+from mtls_milter.acme.validator import CHALLENGE_PATH
 
 
 def _keys() -> list[JWK]:

@@ -12,13 +12,8 @@ from support.httphost import Reply, Request
 from support.pki import TestPki
 
 from mtls_milter.acme.fetch import FetchRequest, FetchResponse
-from mtls_milter.acme.validator import (
-    CHALLENGE_PATH,
-    Problem,
-    Status,
-    ValidatorPolicy,
-    validate,
-)
+from mtls_milter.acme.results import Problem, Status, ValidatorPolicy
+from mtls_milter.acme.validator import CHALLENGE_PATH, validate
 from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus
 
 CLIENT = "client-mx-http-01"

@@ -32,7 +32,8 @@ from mtls_milter.acme.keyauth import (
     key_authorization,
 )
 from mtls_milter.acme.responder import ResponderThread
-from mtls_milter.acme.validator import CHALLENGE_PATH, Status, ValidatorPolicy, validate
+from mtls_milter.acme.results import Status, ValidatorPolicy
+from mtls_milter.acme.validator import CHALLENGE_PATH, validate
 from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus
 
 SETTINGS = settings(max_examples=150, deadline=None)

@@ -17,13 +17,8 @@ from typing import Any
 from mtls_milter.acme.fetch import http_fetch
 from mtls_milter.acme.keyauth import JwkError, check_thumbprint, jwk_thumbprint
 from mtls_milter.acme.responder import Responder, run_until_signal
-from mtls_milter.acme.validator import (
-    ChallengeType,
-    Status,
-    ValidationResult,
-    ValidatorPolicy,
-    validate,
-)
+from mtls_milter.acme.results import ChallengeType, Status, ValidationResult, ValidatorPolicy
+from mtls_milter.acme.validator import validate
 from mtls_milter.config import DEFAULT_CLIENT_MX_TYPE, DEFAULT_DNS_TIMEOUT
 from mtls_milter.endpoints import check_dns_option, parse_host_port
 from mtls_milter.errors import InputError
