@@ -212,23 +212,16 @@ def _list_of(item: Converter) -> Converter:
     return convert
 
 
-def _socket_spec(value: Any) -> str:
-    text = _str(value)
-    parse_socket_spec(text)
-    return text
+def _checked_by(parse: Callable[[str], object], *, optional: bool = False) -> Converter:
+    """A string ``parse`` accepts (or, when ``optional``, the empty string)."""
 
+    def convert(value: Any) -> str:
+        text = _str(value)
+        if text or not optional:
+            parse(text)
+        return text
 
-def _optional_socket_spec(value: Any) -> str:
-    text = _str(value)
-    if text:
-        parse_socket_spec(text)
-    return text
-
-
-def _nameserver(value: Any) -> str:
-    text = _str(value)
-    parse_nameserver(text)
-    return text
+    return convert
 
 
 def _octal_mode(value: Any) -> str:
@@ -261,7 +254,7 @@ def _trust_source(value: Any) -> str:
 
 _SCHEMA: dict[str, dict[str, Converter]] = {
     "milter": {
-        "socket": _socket_spec,
+        "socket": _checked_by(parse_socket_spec),
         "authserv_id": _str,
         "delete_all_own_results": _bool,
         "user": _str,
@@ -269,7 +262,7 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "socket_mode": _octal_mode,
     },
     "dns": {
-        "nameservers": _list_of(_nameserver),
+        "nameservers": _list_of(_checked_by(parse_nameserver)),
         "timeout": _number(0.05, 30),
         "budget": _number(0.1, 60),
         "client_mx_type": _integer(1, 65535),
@@ -293,13 +286,13 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "internal_networks": _list_of(_network),
     },
     "policy_map": {
-        "socket": _socket_spec,
+        "socket": _checked_by(parse_socket_spec),
         "map_name": _map_name,
         "report_only": _bool,
         "max_request": _integer(64, 65536),
     },
     "policy_service": {
-        "socket": _optional_socket_spec,
+        "socket": _checked_by(parse_socket_spec, optional=True),
         "socket_mode": _octal_mode,
     },
     "chain_fetch": {

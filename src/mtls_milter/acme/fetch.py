@@ -198,31 +198,7 @@ def http_fetch(request: FetchRequest) -> FetchResponse:
         raw = _BoundedRaw(conn, deadline, MAX_HEAD)
         response = http.client.HTTPResponse(_SocketShim(raw), method="GET")  # type: ignore[arg-type]
         response.begin()
-        status = response.status
-        location = response.getheader("Location")
-        if status != 200:
-            return result(status=status, location=location)
-        if response.length is not None and response.length > request.max_body:
-            return result(
-                status=status,
-                error=FetchError.TOO_LARGE,
-                detail=f"response too large: Content-Length {response.length} "
-                f"> {request.max_body} bytes",
-            )
-        raw.limit = raw.total + request.max_body + MAX_HEAD  # body plus chunked framing
-        body = bytearray()
-        while len(body) <= request.max_body:
-            chunk = response.read(min(_CHUNK, request.max_body + 1 - len(body)))
-            if not chunk:
-                break
-            body += chunk
-        if len(body) > request.max_body:
-            return result(
-                status=status,
-                error=FetchError.TOO_LARGE,
-                detail=f"response too large: more than {request.max_body} bytes",
-            )
-        return result(status=status, location=location, body=bytes(body))
+        return result(**_read_response(response, raw, request))
     except _TooLarge:
         what = "response head" if raw is not None and raw.limit == MAX_HEAD else "response"
         return result(error=FetchError.TOO_LARGE, detail=f"{what} too large")
@@ -235,21 +211,53 @@ def http_fetch(request: FetchRequest) -> FetchResponse:
     except (http.client.HTTPException, OSError) as exc:
         if fired.is_set() or time.monotonic() >= deadline:
             return result(error=FetchError.TIMEOUT, detail=f"timeout after {request.timeout:g} s")
-        if isinstance(exc, ConnectionRefusedError):
-            return result(error=FetchError.CONNECTION, detail="connection refused")
-        if isinstance(exc, http.client.RemoteDisconnected):
-            return result(
-                error=FetchError.CONNECTION, detail="connection closed without a response"
-            )
-        if isinstance(exc, http.client.HTTPException):
-            text = clip(f"{type(exc).__name__}: {exc}")  # quotes the peer's bytes
-            return result(error=FetchError.PROTOCOL, detail=f"malformed HTTP response ({text})")
-        return result(
-            error=FetchError.CONNECTION, detail=f"connection failed: {exc.strerror or exc}"
-        )
+        return result(**_connection_failure(exc))
     finally:
         timer.cancel()
         with contextlib.suppress(OSError):
             conn.close()
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def _read_response(
+    response: http.client.HTTPResponse, raw: _BoundedRaw, request: FetchRequest
+) -> dict[str, Any]:
+    """The result fields of a response whose head has been read: status, location, body."""
+    status = response.status
+    location = response.getheader("Location")
+    if status != 200:
+        return {"status": status, "location": location}
+    if response.length is not None and response.length > request.max_body:
+        return {
+            "status": status,
+            "error": FetchError.TOO_LARGE,
+            "detail": f"response too large: Content-Length {response.length} "
+            f"> {request.max_body} bytes",
+        }
+    raw.limit = raw.total + request.max_body + MAX_HEAD  # body plus chunked framing
+    body = bytearray()
+    while len(body) <= request.max_body:
+        chunk = response.read(min(_CHUNK, request.max_body + 1 - len(body)))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > request.max_body:
+        return {
+            "status": status,
+            "error": FetchError.TOO_LARGE,
+            "detail": f"response too large: more than {request.max_body} bytes",
+        }
+    return {"status": status, "location": location, "body": bytes(body)}
+
+
+def _connection_failure(exc: http.client.HTTPException | OSError) -> dict[str, Any]:
+    """The result fields of a connection or HTTP failure that is not a timeout."""
+    if isinstance(exc, ConnectionRefusedError):
+        return {"error": FetchError.CONNECTION, "detail": "connection refused"}
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return {"error": FetchError.CONNECTION, "detail": "connection closed without a response"}
+    if isinstance(exc, http.client.HTTPException):
+        text = clip(f"{type(exc).__name__}: {exc}")  # quotes the peer's bytes
+        return {"error": FetchError.PROTOCOL, "detail": f"malformed HTTP response ({text})"}
+    return {"error": FetchError.CONNECTION, "detail": f"connection failed: {exc.strerror or exc}"}

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from mtls_milter.acme.fetch import REDIRECT_STATUSES, Fetch, FetchError, FetchRequest
+from mtls_milter.acme.fetch import (
+    REDIRECT_STATUSES,
+    Fetch,
+    FetchError,
+    FetchRequest,
+    FetchResponse,
+)
 from mtls_milter.acme.keyauth import check_thumbprint, check_token, key_authorization
 from mtls_milter.acme.results import (
     AddressResult,
@@ -38,6 +44,7 @@ from mtls_milter.core.quote import quote
 __all__ = ["CHALLENGE_PATH", "HostResolver", "validate"]
 
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
+_Failure = tuple[Status, str, Problem]  # a verdict on one address: status, reason, problem
 WHITESPACE = " \t\r\n"  # trailing whitespace ignored in the body (RFC 8555 §8.3 step 4)
 
 
@@ -241,27 +248,19 @@ class _Validation:
                     f"before {url} was fetched",
                     Problem.CONNECTION,
                 )
-            timeout = min(self.policy.request_timeout, remaining)
-            response = self.fetch(
-                FetchRequest(
-                    scheme, connect_to, port, target_host, path, timeout, self.policy.max_body
-                )
-            )
+            limits = (min(self.policy.request_timeout, remaining), self.policy.max_body)
+            request = FetchRequest(scheme, connect_to, port, target_host, path, *limits)
+            response = self.fetch(request)
             http_status = response.status or None
-            if response.error is FetchError.TIMEOUT:
-                reason = f"timeout fetching {url}: {response.detail}"
-                return done(Status.INVALID, reason, Problem.CONNECTION)
-            if response.error in (FetchError.CONNECTION, FetchError.TLS):
-                return done(Status.INVALID, f"{response.detail} ({url})", Problem.CONNECTION)
-            if response.error is not FetchError.NONE:
-                return done(Status.INVALID, f"{response.detail} ({url})", Problem.UNAUTHORIZED)
+            failure = _fetch_failure(response, url)
+            if failure is not None:
+                return done(*failure)
             if response.status in REDIRECT_STATUSES and response.location:
                 if len(redirects) >= self.policy.max_redirects:
+                    limit = self.policy.max_redirects
+                    reason = f"too many redirects (more than {limit}), last to "
                     return done(
-                        Status.INVALID,
-                        f"too many redirects (more than {self.policy.max_redirects}), "
-                        f"last to {quote(response.location)}",
-                        Problem.UNAUTHORIZED,
+                        Status.INVALID, reason + quote(response.location), Problem.UNAUTHORIZED
                     )
                 try:
                     scheme, new_host, port, path = self.redirect_target(url, response.location)
@@ -272,30 +271,32 @@ class _Validation:
                 if new_host == host:
                     connect_to = address  # back on the MX host: stay on the address under test
                 elif new_host != target_host:
-                    # Another name: resolve it through our resolver (never the system's).
-                    lookup = self.resolver.addresses(new_host, self.remaining())
-                    if lookup.status is LookupStatus.TEMPFAIL:
-                        return done(
-                            Status.ERROR,
-                            f"DNS: redirect target {new_host}: {lookup.detail}",
-                            Problem.DNS,
-                        )
-                    if lookup.status is not LookupStatus.OK:
-                        return done(
-                            Status.INVALID,
-                            f"redirect target {new_host} has no address ({lookup.detail})",
-                            Problem.DNS,
-                        )
-                    connect_to = lookup.addresses[0]
+                    connect_to, failure = self.redirect_address(new_host)
+                    if failure is not None:
+                        return done(*failure)
                 target_host = new_host
                 continue
-            if response.status != 200:
-                reason = f"HTTP {response.status} from {url}"
-                return done(Status.INVALID, reason, Problem.UNAUTHORIZED)
-            verdict = self.compare(response.body)
-            if verdict:
-                return done(Status.INVALID, f"{verdict} ({url})", Problem.UNAUTHORIZED)
-            return done(Status.VALID, f"key authorization matches ({url})")
+            return done(*self.final_verdict(response, url))
+
+    def final_verdict(self, response: FetchResponse, url: str) -> _Failure:
+        """The verdict on the response that ended the redirects."""
+        if response.status != 200:
+            return Status.INVALID, f"HTTP {response.status} from {url}", Problem.UNAUTHORIZED
+        verdict = self.compare(response.body)
+        if verdict:
+            return Status.INVALID, f"{verdict} ({url})", Problem.UNAUTHORIZED
+        return Status.VALID, f"key authorization matches ({url})", Problem.NONE
+
+    def redirect_address(self, name: str) -> tuple[str, _Failure | None]:
+        """The address to follow a redirect to another name: resolved through our resolver
+        (never the system's); the first address, or why there is none."""
+        lookup = self.resolver.addresses(name, self.remaining())
+        if lookup.status is LookupStatus.TEMPFAIL:
+            return "", (Status.ERROR, f"DNS: redirect target {name}: {lookup.detail}", Problem.DNS)
+        if lookup.status is not LookupStatus.OK:
+            reason = f"redirect target {name} has no address ({lookup.detail})"
+            return "", (Status.INVALID, reason, Problem.DNS)
+        return lookup.addresses[0], None
 
     def compare(self, body: bytes) -> str:
         """'' when ``body`` is the expected key authorization, else why not."""
@@ -354,6 +355,18 @@ class _Validation:
         except ValueError:
             return f"{address!r} is not an IP address"
         return "" if public else f"address {address} is not public (public addresses only)"
+
+
+def _fetch_failure(response: FetchResponse, url: str) -> _Failure | None:
+    """The verdict on a fetch that failed (timeout, connection, TLS, protocol), else None."""
+    if response.error is FetchError.TIMEOUT:
+        reason = f"timeout fetching {url}: {response.detail}"
+        return Status.INVALID, reason, Problem.CONNECTION
+    if response.error in (FetchError.CONNECTION, FetchError.TLS):
+        return Status.INVALID, f"{response.detail} ({url})", Problem.CONNECTION
+    if response.error is not FetchError.NONE:
+        return Status.INVALID, f"{response.detail} ({url})", Problem.UNAUTHORIZED
+    return None
 
 
 def _url(scheme: str, host: str, port: int, path: str) -> str:

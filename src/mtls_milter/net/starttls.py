@@ -118,26 +118,7 @@ def starttls_chain(
             raise _Timeout from None
         result.connected = True
         smtp = _Smtp(sock, deadline)
-        result.phase = "greeting"
-        code, _ = smtp.reply()
-        if code != 220:
-            result.error = f"greeting {code}: not ready"
-            return result
-        result.phase = "EHLO"
-        smtp.send(f"EHLO {ehlo_name}\r\n".encode())
-        code, lines = smtp.reply()
-        if code != 250:
-            result.error = f"EHLO refused ({code})"
-            return result
-        if not any(line.split(" ", 1)[0].upper() == "STARTTLS" for line in lines[1:]):
-            result.error = "STARTTLS not offered"
-            _quit(smtp)
-            return result
-        result.phase = "STARTTLS"
-        smtp.send(b"STARTTLS\r\n")
-        code, lines = smtp.reply()
-        if code != 220:
-            result.error = f"STARTTLS refused ({code} {' '.join(lines)[:80]})"
+        if not _start_tls(smtp, ehlo_name, result):
             return result
         result.starttls = True
         result.phase = "TLS handshake"
@@ -154,6 +135,32 @@ def starttls_chain(
     finally:
         sock.close()
     return result
+
+
+def _start_tls(smtp: _Smtp, ehlo_name: str, result: StartTlsResult) -> bool:
+    """Greeting, EHLO, STARTTLS; False (with ``result.error`` set) when the server says no."""
+    result.phase = "greeting"
+    code, _ = smtp.reply()
+    if code != 220:
+        result.error = f"greeting {code}: not ready"
+        return False
+    result.phase = "EHLO"
+    smtp.send(f"EHLO {ehlo_name}\r\n".encode())
+    code, lines = smtp.reply()
+    if code != 250:
+        result.error = f"EHLO refused ({code})"
+        return False
+    if not any(line.split(" ", 1)[0].upper() == "STARTTLS" for line in lines[1:]):
+        result.error = "STARTTLS not offered"
+        _quit(smtp)
+        return False
+    result.phase = "STARTTLS"
+    smtp.send(b"STARTTLS\r\n")
+    code, lines = smtp.reply()
+    if code != 220:
+        result.error = f"STARTTLS refused ({code} {' '.join(lines)[:80]})"
+        return False
+    return True
 
 
 def _quit(smtp: _Smtp) -> None:
