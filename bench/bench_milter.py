@@ -494,7 +494,7 @@ def report(figures: dict[Key, Figure], clients: list[str]) -> None:
             if ours / concurrency < 40 and nodelay / concurrency >= 100:
                 print(
                     "  FINDING: ours still stalls ~40 ms per message while the NODELAY null "
-                    "milter does not: serve.py's TCP_NODELAY trick does not take effect"
+                    "milter does not: inbound/daemon.py's TCP_NODELAY trick does not take effect"
                 )
             elif ours / concurrency < 40:
                 print(

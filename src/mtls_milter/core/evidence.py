@@ -1,6 +1,6 @@
 """Certificate evidence: what is known about the client's TLS session and certificate.
 
-All MTA-specific macro decoding lives here, so adapters hand over raw macros and never
+All MTA-specific macro decoding lives here, so front ends hand over raw macros and never
 interpret them themselves. docs/design.md ("Evidence model") describes what each MTA sends.
 """
 
