@@ -377,6 +377,30 @@ def test_no_second_ehlo(rig: Rig) -> None:
     assert got.rest == message.raw()
 
 
+def test_message_without_header_fields(rig: Rig) -> None:
+    """A message with no header field at all (the body starts at once): answered at once and
+    delivered with our field. (Sendmail sends DATA and then end of message; without end of
+    headers negotiated, libmilter dropped that end of message and Sendmail waited for its milter
+    timeout, then delivered the message without our field.)"""
+    before = len(rig.mta.sink.messages())
+    issued = rig.pki.leaves["client"]
+    started = time.monotonic()
+    outcome = send_message(
+        rig.mta.port,
+        mail_from=SENDER,
+        rcpt=RCPT,
+        message=b"\r\nA body and no header field at all.\r\n",
+        client_chain=issued.chain_path,
+        client_key=issued.key_path,
+    )
+    elapsed = time.monotonic() - started
+    assert outcome.accepted, outcome
+    assert elapsed < 3.0, f"{elapsed:.1f} s: the MTA waited for the milter"
+    raw = rig.mta.delivered(count=before + 1)[before]
+    assert raw.endswith(b"\r\nA body and no header field at all.\r\n"), raw
+    assert _parse_delivered(raw).header == PASS_HEADER, raw.decode(errors="replace")
+
+
 # --------------------------------------------------------------------------------------------
 # forged fields (RFC 8601 §5)
 
