@@ -293,13 +293,12 @@ def _policy_request(port: int, **attributes: str) -> bytes:
         return conn.recv(100)
 
 
+@pytest.mark.parametrize("rig", ["postfix"], indirect=True)  # the policy listener is Postfix's
 def test_an_earlier_sessions_fingerprint_is_not_this_sessions(rig: Rig) -> None:
     """The policy listener still holds a record for the client's address and port from an
     earlier session, whose certificate has since been renewed. The new session (same address,
     same port) must be judged on its own certificate: no fetch for the old fingerprint at MAIL
     FROM, and the chain its host serves now binds to this session's fingerprint."""
-    if rig.kind != "postfix":
-        pytest.skip("the policy listener serves Postfix only")
     address = _address()
     with _host(rig, address, "server") as host:
         rig.send(address, "server", "a@sender.test", "postfix warm the dns cache")
