@@ -1,7 +1,5 @@
 """Chain evidence end to end: real Postfix 3.7 / Sendmail 8.17, real TLS, real DNS.
 
-What chain evidence is and how it is obtained: docs/evidence.md.
-
 The sending client connects FROM a loopback address 127.0.0.N, and a test SMTP server on that
 same 127.0.0.N (port ``[chain_fetch] port``) plays the sender's own host, serving a chosen chain
 over STARTTLS. The certificates are serverAuth-only, as public CAs issue them since mid-2026:
@@ -35,6 +33,8 @@ from support.pki import TestPki, write_bundle
 from support.ports import free_port
 from support.smtp_tls_server import StartTlsServer
 
+from mtls_milter.core.certs import fingerprint_sha256
+
 pytestmark = pytest.mark.e2e
 
 AUTHSERV_ID = "mx.receiver.test"
@@ -61,8 +61,11 @@ class Rig:
     daemon: MilterDaemon
     pki: TestPki
     chain_port: int
+    policy_port: int
 
-    def send(self, source: str, leaf: str, mail_from: str, subject: str) -> tuple[str, float]:
+    def send(
+        self, source: str, leaf: str, mail_from: str, subject: str, source_port: int = 0
+    ) -> tuple[str, float]:
         """Send from ``source`` with the client certificate ``leaf``; our header and seconds."""
         issued = self.pki.leaves[leaf]
         before = len(self.mta.sink.messages())
@@ -80,6 +83,7 @@ class Rig:
             client_chain=issued.chain_path,
             client_key=issued.key_path,
             source_address=source,
+            source_port=source_port,
         )
         elapsed = time.monotonic() - started
         assert outcome.accepted, f"{outcome}\n{self.logs()}"
@@ -155,7 +159,7 @@ def rig(
                 work / "mta", milter_socket=daemon.socket, tls=tls, milter_flags=""
             )
         with mta:
-            yield Rig(kind, mta, daemon, pki, chain_port)
+            yield Rig(kind, mta, daemon, pki, chain_port, policy_port)
 
 
 def _host(rig: Rig, address: str, leaf: str, **kwargs: Any) -> StartTlsServer:
@@ -273,3 +277,43 @@ def test_unhelpful_hosts_are_bounded(
     assert expected in record["chain"], record
     log = rig.daemon.log_text()
     assert f"chain fetch from {address}:{rig.chain_port}" in log and expected in log
+
+
+def _policy_request(port: int, **attributes: str) -> bytes:
+    """One request to the daemon's policy listener, as Postfix sends it; the reply."""
+    text = "".join(f"{name}={value}\n" for name, value in attributes.items()) + "\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(text.encode())
+        return conn.recv(100)
+
+
+@pytest.mark.parametrize("rig", ["postfix"], indirect=True)  # the policy listener is Postfix's
+def test_an_earlier_sessions_fingerprint_is_not_this_sessions(rig: Rig) -> None:
+    """The policy listener still holds a record for the client's address and port from an
+    earlier session, whose certificate has since been renewed. The new session (same address,
+    same port) must be judged on its own certificate: no fetch for the old fingerprint at MAIL
+    FROM, and the chain its host serves now binds to this session's fingerprint."""
+    address = _address()
+    with _host(rig, address, "server") as host:
+        rig.send(address, "server", "a@sender.test", "postfix warm the dns cache")
+        port = free_port()
+        earlier = rig.pki.leaves["both"]  # the certificate before the renewal
+        reply = _policy_request(
+            rig.policy_port,
+            request="smtpd_access_policy",
+            protocol_state="RCPT",
+            client_address=address,
+            client_port=str(port),
+            ccert_fingerprint=fingerprint_sha256(earlier.cert),
+        )
+        assert reply == b"action=DUNNO\n\n"
+        fetches, log_before = len(host.sessions), len(rig.daemon.log_text())
+        header, _ = rig.send(address, "server", "a@sender.test", "postfix renewed", port)
+    assert header == (
+        f"Authentication-Results: {AUTHSERV_ID}; mtls=pass "
+        "(evidence=chain; matched out.sender.test in client-mx) smtp.mailfrom=sender.test"
+    ), rig.logs()
+    assert len(host.sessions) == fetches + 1  # one fetch, for this session's certificate
+    record = rig.verdict()
+    assert record["chain"].startswith("chain fetched from"), record
+    assert "different certificate" not in rig.daemon.log_text()[log_before:]

@@ -18,8 +18,11 @@ reload and restored afterwards, so each MTA needs one daemon and one MTA start.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -373,6 +376,30 @@ def test_no_second_ehlo(rig: Rig) -> None:
     assert got.rest == message.raw()
 
 
+def test_message_without_header_fields(rig: Rig) -> None:
+    """A message with no header field at all (the body starts at once): answered at once and
+    delivered with our field. (Sendmail sends DATA and then end of message; without end of
+    headers negotiated, libmilter dropped that end of message and Sendmail waited for its milter
+    timeout, then delivered the message without our field.)"""
+    before = len(rig.mta.sink.messages())
+    issued = rig.pki.leaves["client"]
+    started = time.monotonic()
+    outcome = send_message(
+        rig.mta.port,
+        mail_from=SENDER,
+        rcpt=RCPT,
+        message=b"\r\nA body and no header field at all.\r\n",
+        client_chain=issued.chain_path,
+        client_key=issued.key_path,
+    )
+    elapsed = time.monotonic() - started
+    assert outcome.accepted, outcome
+    assert elapsed < 3.0, f"{elapsed:.1f} s: the MTA waited for the milter"
+    raw = rig.mta.delivered(count=before + 1)[before]
+    assert raw.endswith(b"\r\nA body and no header field at all.\r\n"), raw
+    assert _parse_delivered(raw).header == PASS_HEADER, raw.decode(errors="replace")
+
+
 # --------------------------------------------------------------------------------------------
 # forged fields (RFC 8601 §5)
 
@@ -509,7 +536,7 @@ def test_sighup_reload(rig: Rig) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# timing over inet: (docs/performance.md: a ~40 ms Nagle/delayed-ACK stall per message is possible)
+# timing over inet: a ~40 ms Nagle/delayed-ACK stall per message is possible (docs/performance.md)
 
 TIMED = 20
 
@@ -572,3 +599,110 @@ def test_inet_timing(rig: Rig, tmp_path: Path) -> None:
             ms = verdict_ms[label]
             line += f"  | milter MAIL->EOM median {statistics.median(ms):6.1f} ms"
         print(line)
+
+
+# --------------------------------------------------------------------------------------------
+# reload signals under load, and the DNS cache across reloads
+
+BURST = 200  # signals sent back to back: each can land while the previous reload runs
+PAIRS = 25  # then pairs of SIGHUPs 50 ms apart
+
+
+def _storm(pid: int) -> float:
+    """Send BURST reload signals (SIGHUP, every third SIGUSR1) as fast as possible, then PAIRS
+    pairs of SIGHUPs 50 ms apart; return the seconds it took."""
+    started = time.monotonic()
+    for i in range(BURST):
+        os.kill(pid, signal.SIGUSR1 if i % 3 == 0 else signal.SIGHUP)
+        time.sleep(0)  # let the daemon run: the next signal arrives during its reload
+    for _ in range(PAIRS):
+        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_reload_signal_storm_while_mail_flows(rig: Rig) -> None:
+    """250 reload signals within 2 s while a client sends mail: the daemon stays up, reloads
+    one at a time (the configuration written before the storm is in force after it), and every
+    message is accepted and delivered with our header."""
+    pid = rig.daemon.pid
+    assert pid is not None
+    new_id = "mx3.receiver.test"
+    config = {name: dict(keys) for name, keys in rig.base_config.items()}
+    config["milter"]["authserv_id"] = new_id
+    rig.daemon.write_config(config)
+    before = len(rig.mta.sink.messages())
+    log_start = len(rig.daemon.log_text())
+    outcomes: list[SmtpOutcome] = []
+    done = threading.Event()
+
+    def send_until_done() -> None:
+        while not done.is_set():
+            outcomes.append(rig.send(Message(f"{rig.kind} storm {len(outcomes)}")))
+
+    sender = threading.Thread(target=send_until_done)
+    sender.start()
+    try:
+        try:
+            time.sleep(0.2)  # mail is flowing
+            elapsed = _storm(pid)
+            time.sleep(0.5)
+        finally:
+            done.set()
+            sender.join(60)
+        log = rig.daemon.log_text()[log_start:]
+        assert rig.daemon.running() and rig.daemon.pid == pid, rig.logs()
+        assert elapsed < 2.5, elapsed
+        assert "Traceback" not in log and "ERROR" not in log, rig.logs()
+        reloads = log.count("reloaded: ")
+        assert 1 <= reloads < BURST + 2 * PAIRS, reloads  # coalesced, never nested
+        assert outcomes and all(o.accepted for o in outcomes), outcomes
+        delivered = rig.mta.delivered(count=before + len(outcomes))[before:]
+        for raw in delivered:
+            header = _parse_delivered(raw).header or ""
+            assert re.match(r"Authentication-Results: mx3?\.receiver\.test; mtls=pass ", header)
+        got = rig.deliver(Message(f"{rig.kind} after the storm"))
+        assert got.header == PASS_HEADER.replace(AUTHSERV_ID, new_id)
+        print(
+            f"\n{rig.kind}: {BURST + 2 * PAIRS} reload signals in {elapsed:.2f} s -> {reloads} "
+            f"reloads; {len(outcomes)} messages sent meanwhile, all accepted with the header"
+        )
+    finally:
+        rig.restore()
+
+
+def _last_reload_line(rig: Rig) -> str:
+    return [line for line in rig.daemon.log_text().splitlines() if "reloaded: " in line][-1]
+
+
+def test_reload_keeps_the_dns_cache_when_dns_is_unchanged(rig: Rig) -> None:
+    """DNS goes down; a reload with the same [dns] keeps the cached Client MX answer (the next
+    message still passes), a reload with a changed [dns] starts a new resolver (temperror)."""
+    outage = TestDnsServer().start()
+    running = True
+    try:
+        outage.add("sender.test", 265, "10 out.sender.test.")
+        dns = {"nameservers": [outage.nameserver], "timeout": 0.5, "budget": 1.0}
+        rig.reconfigure(dns=dns)
+        assert rig.deliver(Message(f"{rig.kind} dns warm")).header == PASS_HEADER
+        outage.stop()
+        running = False
+
+        assert rig.daemon.signal_reload(signum=signal.SIGUSR1)
+        got = rig.deliver(Message(f"{rig.kind} dns down, same dns section"))
+        assert got.header == PASS_HEADER, rig.logs()  # the cached answer
+        line = _last_reload_line(rig)
+        assert "dns=kept (cached answers stay) signal=SIGUSR1" in line, line
+
+        rig.reconfigure(dns={**dns, "timeout": 0.4})
+        got = rig.deliver(Message(f"{rig.kind} dns down, new dns section"))
+        assert got.header is not None
+        assert got.header.startswith(
+            f'Authentication-Results: {AUTHSERV_ID}; mtls=temperror reason="Client MX lookup'
+        ), got.header
+        assert "dns=new resolver (empty cache) signal=SIGHUP" in _last_reload_line(rig)
+    finally:
+        if running:
+            outage.stop()
+        rig.restore()

@@ -3,7 +3,7 @@
 :class:`MilterDaemon` writes a TOML configuration from a mapping, starts
 ``python -m mtls_milter serve --config FILE`` and waits until the daemon logged ``started:``
 and its TCP socket accepts. It can stop (SIGTERM), kill (SIGKILL), restart on the same socket,
-and reload a changed configuration with SIGHUP (waiting for the ``reloaded:`` or
+and reload a changed configuration with SIGHUP or SIGUSR1 (waiting for the ``reloaded:`` or
 ``reload refused`` log line). Everything the daemon writes to stderr goes to one log file that
 survives restarts, so :meth:`MilterDaemon.log_text` shows the whole history.
 """
@@ -126,6 +126,10 @@ class MilterDaemon:
         tmp.write_text(toml_text(merged))
         tmp.replace(self.config_path)
 
+    def write_config(self, config: ConfigMapping) -> None:
+        """Replace the configuration file (``[milter] socket`` set as usual); no signal."""
+        self._set_config(config)
+
     def write_raw_config(self, text: str) -> None:
         """Replace the configuration file with ``text`` as is (e.g. a broken one)."""
         tmp = self.config_path.with_suffix(".tmp")
@@ -229,13 +233,14 @@ class MilterDaemon:
             self._set_config(config)
         return self.signal_reload(timeout)
 
-    def signal_reload(self, timeout: float = 10.0) -> bool:
-        """SIGHUP the daemon (config file as it is) and wait for ``reloaded:``/``refused``."""
+    def signal_reload(self, timeout: float = 10.0, signum: int = signal.SIGHUP) -> bool:
+        """Signal the daemon to reload (config file as it is; SIGHUP unless ``signum`` says
+        otherwise) and wait for ``reloaded:``/``refused``."""
         if self._proc is None or self._proc.poll() is not None:
             raise DaemonError("mtls-milter is not running")
         text = self.log_text()
         before = (text.count(_RELOADED), text.count(_REFUSED))
-        self._proc.send_signal(signal.SIGHUP)
+        self._proc.send_signal(signum)
         deadline = time.monotonic() + timeout
         while True:
             text = self.log_text()
@@ -244,7 +249,8 @@ class MilterDaemon:
             if text.count(_REFUSED) > before[1]:
                 return False
             if self._proc.poll() is not None:
-                raise DaemonError(f"mtls-milter exited on SIGHUP:\n{self.log_tail()}")
+                name = signal.Signals(signum).name
+                raise DaemonError(f"mtls-milter exited on {name}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise DaemonError(f"no reload outcome after {timeout}s:\n{self.log_tail()}")
             time.sleep(0.02)

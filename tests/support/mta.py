@@ -982,15 +982,16 @@ def send_message(
     host: str = "127.0.0.1",
     timeout: float = 30.0,
     source_address: str | None = None,
+    source_port: int = 0,
 ) -> SmtpOutcome:
     """Send one message over SMTP and report each reply; never raises on 4xx/5xx replies.
 
     ``client_chain`` (leaf first, then intermediates) wins over ``client_cert``; the whole file is
     sent. The server certificate is not verified. Raises :class:`MtaError` when ``starttls`` is
     requested but the server does not offer it. ``source_address`` binds the client socket (e.g.
-    ``127.0.0.5``, so the MTA sees the client at that address).
+    ``127.0.0.5``, so the MTA sees the client at that address), ``source_port`` its port.
     """
-    source = (source_address, 0) if source_address else None
+    source = (source_address or "127.0.0.1", source_port) if source_address or source_port else None
     smtp = smtplib.SMTP(timeout=timeout, local_hostname=helo, source_address=source)
     steps: dict[str, SmtpReply | str | None] = {}
 

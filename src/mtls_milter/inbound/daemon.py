@@ -1,21 +1,44 @@
 """``mtls-milter serve``: run the milter daemon in the foreground.
 
-libmilter runs in a worker thread; the main thread owns the signals. libmilter's own signal
-thread treats SIGHUP as "stop", so the main thread keeps SIGHUP, SIGTERM and SIGINT unblocked
-with Python handlers: the kernel delivers a process-directed signal to a thread that does not
-block it, and the main thread is the first such thread it tries.
+libmilter runs in a worker thread; the main thread owns the signals. libmilter starts a signal
+thread of its own that waits (sigwait) for SIGHUP, SIGINT and SIGTERM and takes any of them as
+"stop". Linux hands a process-directed signal to the main thread when that thread does not block
+it and has no other signal pending; otherwise to another thread that does not block it, and a
+thread in sigwait counts as one. So:
+
+* SIGHUP, SIGTERM and SIGINT are blocked in every thread but the main one
+  (:func:`start_with_signals_blocked`; threads they start inherit the mask), and the main
+  thread never blocks them;
+* their handlers only note the signal, and are installed with SA_NODEFER, so a second SIGHUP that
+  arrives while the first one's handler runs is still the main thread's, not libmilter's;
+* SIGUSR1 (reload) is blocked in every thread and taken by one thread of ours with sigwait: it
+  never becomes pending in the main thread, where it would send a SIGHUP that follows it to
+  libmilter;
+* the main thread's loop acts on the notes: a reload runs there, one at a time (signals during a
+  reload coalesce into one more), a stop stops libmilter;
+* a return of libmilter's main loop that nobody asked for (its signal thread took a signal after
+  all, or it failed) is an error: one log line and exit status 1, so a service manager restarts.
+
+SIGUSR1 is the recommended reload signal: libmilter never waits for it, so it can never be
+taken for "stop". SIGHUP still reloads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import dataclasses
 import grp
 import logging
 import os
 import pwd
+import select
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
@@ -24,7 +47,7 @@ from typing import Any
 import Milter
 import milter
 
-from mtls_milter.config import Config, ConfigError, load_config
+from mtls_milter.config import Config, ConfigError, DnsConfig, load_config
 from mtls_milter.core.certs import CertificateInputError
 from mtls_milter.engine import Engine
 from mtls_milter.errors import StartupError
@@ -40,6 +63,10 @@ log = logging.getLogger("mtls_milter")
 MILTER_NAME = "mtls-milter"
 MILTER_TIMEOUT = 600  # seconds libmilter waits for the MTA between commands
 PREFETCH_THREADS = 32
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+MAIN_THREAD_SIGNALS = (signal.SIGHUP, *STOP_SIGNALS)  # the ones libmilter's thread waits for
+DAEMON_SIGNALS = (*MAIN_THREAD_SIGNALS, signal.SIGUSR1)
+RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 def add_parser(commands: Any) -> None:
@@ -49,7 +76,8 @@ def add_parser(commands: Any) -> None:
         "serve",
         summary="run the milter daemon in the foreground",
         description="Run the milter in the foreground. Without --config it runs on the "
-        "built-in defaults. SIGHUP reloads the configuration and trust store; SIGTERM stops.",
+        "built-in defaults. SIGUSR1 (or SIGHUP) reloads the configuration and trust store; "
+        "SIGTERM stops.",
     )
     add_daemon_options(parser, run)
 
@@ -81,24 +109,34 @@ class Daemon:
     def __init__(self, config_path: str | None, engine: Engine) -> None:
         self._config_path = config_path
         self._holder = EngineHolder(engine)
+        self._dns_inputs = _resolver_inputs(engine.config.dns)
         self._executor = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
-        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._status = 0
         self._sessions = SessionTable()
         self._fetcher = ChainFetcher()
         self._policy: PolicyServiceThread | None = None
+        # Written by the signal handlers (they run in the main thread, between two bytecodes of
+        # wait()) and read by wait(); the handled count is wait()'s own, so no request is lost.
+        self._hup_requests = 0  # written by the SIGHUP handler only
+        self._usr1_requests = 0  # written by the SIGUSR1 thread only
+        self._handled = (0, 0)  # the two counts at the last reload (wait() only)
+        self._stop_signal = 0
+        self._libmilter_done = threading.Event()
+        self._libmilter_error = False
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        for end in (self._wakeup_r, self._wakeup_w):
+            end.setblocking(False)
 
     @classmethod
     def start(cls, config_path: str | None) -> Daemon:
         """Open the socket, drop privileges, start serving."""
         engine = build_engine(config_path)
         daemon = cls(config_path, engine)
+        daemon._install_signals()
         daemon._start_policy_service(engine.config)
         daemon._listen(engine.config)
-        daemon._install_signals()
         daemon._thread = threading.Thread(target=daemon._serve, name="libmilter", daemon=True)
-        daemon._thread.start()
+        start_with_signals_blocked(daemon._thread)
         notify("READY=1")
         log.info(
             "started: socket=%s policy_service=%s config=%s trust=%s",
@@ -117,7 +155,8 @@ class Daemon:
         service = PolicyService(spec, self._sessions, config.policy_service.socket_mode)
         thread = PolicyServiceThread(service)
         try:
-            thread.start()
+            with signals_blocked():  # its thread (and the threads it starts) inherit the mask
+                thread.start()
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot listen on [policy_service] socket {spec}: {exc}") from None
         self._policy = thread
@@ -142,30 +181,63 @@ class Daemon:
         _drop_privileges(config, spec)
 
     def _serve(self) -> None:
+        """libmilter's main loop (its own thread); returns when libmilter stops."""
         try:
             milter.main()
         except Exception:
             log.exception("libmilter stopped with an error")
-            self._status = 1
+            self._libmilter_error = True
         finally:
-            self._stopping.set()
+            self._libmilter_done.set()
+            self._wake()
+
+    # -- signals -----------------------------------------------------------------------------
 
     def _install_signals(self) -> None:
-        signal.signal(signal.SIGHUP, self._on_hup)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_stop)
+        _no_defer(MAIN_THREAD_SIGNALS)
+        # Blocked here before any thread starts, so in every thread; only _take_usr1 takes it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        thread = threading.Thread(target=self._take_usr1, name="sigusr1", daemon=True)
+        start_with_signals_blocked(thread)
 
-    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
-        self.reload()
+    def _take_usr1(self) -> None:
+        while True:
+            signal.sigwait({signal.SIGUSR1})
+            self._usr1_requests += 1
+            self._wake()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        # Acted on by wait(), never here: a reload inside a handler nests under the next signal.
+        self._hup_requests += 1
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name)
-        notify("STOPPING=1")
-        milter.stop()
-        self._stopping.set()
+        self._stop_signal = signum
 
-    def reload(self) -> None:
-        """Build a new engine from the configuration file; keep the old one if that fails."""
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wakeup_w.send(b"\0")
+
+    def _sleep(self, timeout: float) -> None:
+        """Wait until a signal or libmilter's thread wakes us (or ``timeout``); drain the pipe."""
+        with contextlib.suppress(InterruptedError):
+            select.select([self._wakeup_r], [], [], timeout)
+        with contextlib.suppress(OSError):
+            while self._wakeup_r.recv(4096):
+                pass
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def reload(self, trigger: str = "") -> None:
+        """Build a new engine from the configuration file; keep the old one if that fails.
+
+        The DNS resolver, and with it the cache of DNS answers, is kept when ``[dns]`` and the
+        system's resolver configuration are unchanged: a reload during a DNS outage must not
+        turn every cached sender into ``temperror``.
+        """
         notify("RELOADING=1")
         try:
             engine = build_engine(self._config_path)
@@ -173,29 +245,132 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             notify("READY=1")
             return
-        old = self._holder.engine.config
-        if engine.config.milter.socket != old.milter.socket:
+        old = self._holder.engine
+        if engine.config.milter.socket != old.config.milter.socket:
             log.warning("reload: [milter] socket changed; takes effect only after a restart")
-        if engine.config.policy_service != old.policy_service:
+        if engine.config.policy_service != old.config.policy_service:
             log.warning("reload: [policy_service] changed; takes effect only after a restart")
+        dns_inputs = _resolver_inputs(engine.config.dns)
+        if dns_inputs == self._dns_inputs:
+            engine = dataclasses.replace(engine, resolver=old.resolver)
+            dns = "kept (cached answers stay)"
+        else:
+            self._dns_inputs = dns_inputs
+            dns = "new resolver (empty cache)"
         self._holder.engine = engine
         notify("READY=1")
         log.info(
-            "reloaded: config=%s trust=%s", engine.config.source, "; ".join(engine.trust_sources)
+            "reloaded: config=%s trust=%s dns=%s%s",
+            engine.config.source,
+            "; ".join(engine.trust_sources),
+            dns,
+            f" signal={trigger}" if trigger else "",
         )
 
     def wait(self) -> int:
-        """Block until stopped; return the exit status."""
-        while not self._stopping.wait(1.0):
-            pass
+        """Run the main thread's loop until stopped; return the exit status."""
+        while True:
+            self._sleep(1.0)
+            if self._stop_signal:
+                log.info("stopping on %s", signal.Signals(self._stop_signal).name)
+                notify("STOPPING=1")
+                milter.stop()
+                break
+            if self._libmilter_done.is_set():
+                break
+            requests = (self._hup_requests, self._usr1_requests)
+            if requests != self._handled:  # any number of signals since the last one: one reload
+                names = [
+                    name
+                    for name, now, before in zip(
+                        ("SIGHUP", "SIGUSR1"), requests, self._handled, strict=True
+                    )
+                    if now != before
+                ]
+                self._handled = requests
+                self.reload("+".join(names))
+        status = 0
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if not self._stop_signal or self._libmilter_error:
+            log.error(
+                "libmilter's main loop returned without a stop request%s; exiting with status 1 "
+                "so that the service manager restarts the daemon",
+                " (its error is logged above)" if self._libmilter_error else "",
+            )
+            status = 1
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._fetcher.shutdown()
         if self._policy is not None:
             self._policy.stop()
         log.info("stopped")
-        return self._status
+        return status
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block the daemon's signals in this thread for the ``with`` body; a thread started in it
+    inherits the mask, so only the main thread (or libmilter's sigwait) ever takes them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_with_signals_blocked(thread: threading.Thread) -> None:
+    """Start ``thread`` with the daemon's signals blocked in it."""
+    with signals_blocked():
+        thread.start()
+
+
+class _SigAction(ctypes.Structure):
+    """glibc's ``struct sigaction`` on Linux (x86-64, arm64: the same layout)."""
+
+    _fields_ = [
+        ("sa_handler", ctypes.c_void_p),
+        ("sa_mask", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    ]
+
+
+SA_NODEFER = 0x40000000  # Linux
+
+
+def _no_defer(signals: tuple[int, ...]) -> None:
+    """Add SA_NODEFER to the handlers Python installed for ``signals``.
+
+    Without it the kernel blocks a signal in the main thread while that signal's C handler runs
+    (Python's handler only sets a flag, but the thread can be preempted inside it); a second
+    SIGHUP in that window would go to libmilter's signal thread and stop the daemon. Python's
+    C handler is reentrant (atomic flag, a write to the wakeup fd). Best effort, Linux only.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for signum in signals:
+            action = _SigAction()
+            if libc.sigaction(signum, None, ctypes.byref(action)) != 0:
+                raise OSError(ctypes.get_errno(), f"sigaction({signum}) read")
+            action.sa_flags |= SA_NODEFER
+            if libc.sigaction(signum, ctypes.byref(action), None) != 0:
+                raise OSError(ctypes.get_errno(), f"sigaction({signum}) write")
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot set SA_NODEFER on the signal handlers (%s); continuing", exc)
+
+
+def _resolver_inputs(dns: DnsConfig) -> tuple[object, ...]:
+    """What the resolver is built from: ``[dns]`` and, without configured name servers, the
+    system's resolver configuration (read again at every reload)."""
+    if dns.nameservers:
+        return (dns,)
+    try:
+        system = RESOLV_CONF.read_bytes()
+    except OSError as exc:
+        system = f"unreadable: {exc.strerror}".encode()
+    return (dns, system)
 
 
 def _register_callbacks() -> None:

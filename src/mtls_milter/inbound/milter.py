@@ -266,6 +266,14 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             self._tx.ar_values.append(value)
         return CONTINUE
 
+    @_guarded(CONTINUE)
+    def eoh(self) -> int:
+        # Not a no-op either: without this callback pymilter negotiates SMFIP_NOEOH, and then
+        # libmilter drops the end of a message that had no header field at all (DATA straight to
+        # end of message, as Sendmail sends it): the MTA waits for its milter timeout and
+        # delivers the message without our field. With end of headers negotiated it does not.
+        return CONTINUE
+
     @_guarded(ACCEPT)
     def eom(self) -> int:
         tx = self._tx
