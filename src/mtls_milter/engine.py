@@ -16,7 +16,7 @@ from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.clock import Clock, SystemClock
 from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
 from mtls_milter.core.evidence import Evidence
-from mtls_milter.core.lookups import MxResolver
+from mtls_milter.core.lookups import HostLookup, MxResolver
 from mtls_milter.core.names import SenderKind, parse_mail_from
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.net.trust import load_trust_anchors
@@ -46,7 +46,9 @@ class Engine:
             trust_sources=anchors.sources,
         )
 
-    def evaluate(self, transaction: Transaction, evidence: Evidence) -> Verdict:
+    def evaluate(
+        self, transaction: Transaction, evidence: Evidence, *, client_mx: HostLookup | None = None
+    ) -> Verdict:
         """Evaluate one transaction with this engine's collaborators. Never raises.
 
         An unexpected exception (a bug, or a collaborator that failed) gives
@@ -55,7 +57,13 @@ class Engine:
         """
         try:
             return evaluate(
-                transaction, evidence, self.config, self.resolver, self.validator, self.clock
+                transaction,
+                evidence,
+                self.config,
+                self.resolver,
+                self.validator,
+                self.clock,
+                client_mx=client_mx,
             )
         except Exception as exc:
             verdict = internal_error(exc, transaction)

@@ -112,18 +112,23 @@ def evaluate(
     resolver: MxResolver,
     validator: ChainValidator,
     clock: Clock,
+    *,
+    client_mx: HostLookup | None = None,
 ) -> Verdict:
     """Compute the mtls result of one transaction (the table in docs/design.md).
 
     Client MX is looked up whatever the TLS facts: whether a session without TLS is ``none``
-    or ``fail`` depends on whether the domain opted in. Raises only on internal errors (a bug,
-    or a collaborator that failed); :meth:`mtls_milter.engine.Engine.evaluate` maps those.
+    or ``fail`` depends on whether the domain opted in. ``client_mx`` is an answer the caller
+    already holds for the domain (a milter looks it up at MAIL FROM): it is used instead of
+    asking again, which matters for failures (they are not cached, and asking again would
+    spend the DNS budget twice). Raises only on internal errors (a bug, or a collaborator that
+    failed); :meth:`mtls_milter.engine.Engine.evaluate` maps those.
     """
     domain, identity, early = _identity(transaction, config)
     if early is not None:
         return early
     started = clock.monotonic()
-    lookup = resolver.client_mx(domain, config.dns.budget)
+    lookup = client_mx or resolver.client_mx(domain, config.dns.budget)
     base = Verdict(Result.NONE, "", domain, identity, hosts=lookup.hosts)
     if lookup.status is LookupStatus.TEMPFAIL:
         reason = f"Client MX lookup failed: {clip(lookup.detail)}"
