@@ -11,10 +11,19 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tests" / "e2e" / "install_mtas.sh"
-CLIENTS = (
-    "m4 swaks libnet-ssleay-perl miltertest libdb5.3 libldap-2.5-0 liblockfile1 libnsl2 "
-    "libsasl2-2 libssl3 libwrap0"
-).split()
+CLIENTS = [
+    "m4",
+    "swaks",
+    "libnet-ssleay-perl",
+    "miltertest",
+    "libdb5.3",
+    "libldap-2.5-0",
+    "liblockfile1",
+    "libnsl2",
+    "libsasl2-2",
+    "libssl3",
+    "libwrap0",
+]
 
 
 def _status(*rows: tuple[str, str]) -> str:
