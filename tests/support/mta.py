@@ -276,6 +276,17 @@ class _Harness:
         #: seconds the last start() took
         self.start_seconds = 0.0
 
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
     def start(self) -> None:
         raise NotImplementedError
