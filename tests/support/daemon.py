@@ -20,9 +20,9 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from support.lifecycle import Running
 from support.ports import free_port
 
 __all__ = ["DaemonError", "MilterDaemon", "toml_text"]
@@ -70,7 +70,7 @@ def toml_text(config: ConfigMapping) -> str:
     return "\n".join(lines)
 
 
-class MilterDaemon:
+class MilterDaemon(Running):
     """``mtls-milter serve`` in a subprocess on ``inet:PORT@127.0.0.1``.
 
     ``config`` is the TOML content as a mapping; ``[milter] socket`` is set by the daemon
@@ -137,18 +137,6 @@ class MilterDaemon:
         tmp.replace(self.config_path)
 
     # -- life cycle -----------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def command(self) -> list[str]:
         """``python -m mtls_milter serve ...``; with ``nodelay=False`` a wrapper that runs the

@@ -18,7 +18,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
 
 import dns.exception
 import dns.flags
@@ -30,6 +29,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.SOA
 import dns.rrset
+
+from support.lifecycle import Running
 
 __all__ = ["TestDnsServer", "ZoneData"]
 
@@ -61,7 +62,7 @@ def _rdata(number: int, text: str) -> dns.rdata.Rdata:
     return dns.rdata.GenericRdata(_IN, rdtype, wire)
 
 
-class TestDnsServer:
+class TestDnsServer(Running):
     """Authoritative-style DNS server for tests; use as a context manager or start()/stop()."""
 
     __test__ = False  # not a pytest test class
@@ -191,17 +192,6 @@ class TestDnsServer:
         for sock in (self._udp, self._tcp, self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
-
-    def __enter__(self) -> TestDnsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- serving -------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from support.lifecycle import Running
 
 __all__ = ["HttpHost", "Reply", "Request"]
 
@@ -44,7 +45,7 @@ class Reply:
 Handler = Callable[[Request], Reply]
 
 
-class HttpHost:
+class HttpHost(Running):
     """A threaded test HTTP server on ``address``:``port``."""
 
     __test__ = False
@@ -90,17 +91,6 @@ class HttpHost:
             thread.join(5)
         if self._sock is not None:
             self._sock.close()
-
-    def __enter__(self) -> HttpHost:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _accept(self) -> None:
         assert self._sock is not None

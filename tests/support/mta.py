@@ -34,9 +34,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from support.lifecycle import Running
 from support.ports import free_port
 
 __all__ = [
@@ -263,7 +262,7 @@ class MailSink:
 # common harness behaviour
 
 
-class _Harness:
+class _Harness(Running):
     kind = "mta"
 
     def __init__(self, workdir: Path, *, milter_socket: str, tls: MtaTls | None, port: int) -> None:
@@ -275,18 +274,6 @@ class _Harness:
         self._started = False
         #: seconds the last start() took
         self.start_seconds = 0.0
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         raise NotImplementedError

@@ -28,12 +28,12 @@ import time
 from collections.abc import Mapping
 from email.message import EmailMessage
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import dns.message
 
 from support.dnsserver import TestDnsServer
+from support.lifecycle import Running
 from support.mta import POSTFIX_MASTER_CF, MtaError, missing_mta, run_postfix
 from support.ports import free_port, wait_for_port
 
@@ -92,7 +92,7 @@ class LoopbackDnsServer(TestDnsServer):
         return super()._answer(query, tcp, kind)
 
 
-class PostfixSender:
+class PostfixSender(Running):
     """An isolated sending Postfix (``postfix -c workdir/etc``).
 
     Mail injected with :meth:`send` (SMTP to ``127.0.0.1:inject_port``) is delivered by the
@@ -223,17 +223,6 @@ class PostfixSender:
                 break
             time.sleep(0.05)
         self._started = False
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def send(self, rcpt: str, *, mail_from: str = "alice@sender.test", subject: str = "t") -> None:
         """Inject one message for ``rcpt`` (Postfix queues it and delivers it by MX)."""
