@@ -33,7 +33,7 @@ from mtls_milter.config import config_from_mapping
 from mtls_milter.core.evaluate import Transaction, Verdict
 from mtls_milter.core.evidence import Evidence
 from mtls_milter.engine import Engine
-from mtls_milter.inbound import milter as milter_module
+from mtls_milter.inbound import session as session_module
 from mtls_milter.inbound.milter import (
     ENVFROM_MACROS,
     EOM_MACROS,
@@ -41,6 +41,7 @@ from mtls_milter.inbound.milter import (
     EngineHolder,
     MtlsMilter,
 )
+from mtls_milter.inbound.session import MilterSession
 
 AR = "Authentication-Results"
 AUTHSERV_ID = "mx.receiver.test"
@@ -1008,7 +1009,7 @@ def test_tempfail_stands_when_logging_fails(
     def broken_log(*args: Any) -> None:
         raise OSError("log device gone")
 
-    monkeypatch.setattr(MtlsMilter, "_log", broken_log)
+    monkeypatch.setattr(MilterSession, "_log", broken_log)
     conv = make.started(helo_macros=POSTFIX_OTHER_CN, policy={"on_fail": "tempfail"})
     assert conv.message("<alice@sender.test>", {}) == TEMPFAIL
     assert conv.ctx.reply is not None and conv.ctx.reply[:2] == ("451", "4.7.0")
@@ -1101,7 +1102,7 @@ def test_any_bytes_give_one_verdict_and_one_header(
 
 @pytest.fixture
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(milter_module, "_warned", set(), raising=False)
+    monkeypatch.setattr(session_module, "_warned", set(), raising=False)
 
 
 @pytest.mark.usefixtures("fresh_warnings")

@@ -1,0 +1,113 @@
+"""The asyncio adapter: the protocol core's events in, :class:`~.session.MilterSession` outcomes
+out as :class:`~.replies.Reply` values.
+
+Every step but end of message only looks at memory or starts work in the pool, so it runs on
+the loop; end of message may wait for the Client MX lookup and a chain fetch, so it runs in a
+worker thread of its own pool (``loop.run_in_executor``) and the loop keeps serving the other
+connections. The options ask the MTA for what the decisions need: header actions, the macro
+lists per stage, and the DATA and end-of-headers steps (docs/design.md "Milter transports");
+RCPT, body and unknown commands are not sent at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from mtls_milter.core.quote import quote
+
+from . import events as ev
+from .events import Macros
+from .negotiation import MilterOptions
+from .replies import (
+    ACCEPT,
+    CONTINUE,
+    Action,
+    ChangeHeader,
+    InsertHeader,
+    Modification,
+    Reply,
+    SmtpReply,
+)
+from .session import ENVFROM_MACROS, EOM_MACROS, HELO_MACROS, MilterSession, Outcome
+from .wire import ActionFlag, ProtocolFlag, Stage, text
+
+log = logging.getLogger("mtls_milter")
+
+# Steps the decisions do not use are not sent; DATA and end of headers are kept (see the
+# pymilter adapter's data() and eoh() for what goes wrong without them). Header fields need no
+# answer when the MTA allows that.
+PROTOCOL = ProtocolFlag.NORCPT | ProtocolFlag.NOBODY | ProtocolFlag.NOUNKNOWN | ProtocolFlag.NR_HDR
+OPTIONS = MilterOptions(
+    actions=int(ActionFlag.ADDHDRS | ActionFlag.CHGHDRS),
+    protocol=int(PROTOCOL),
+    macros={Stage.HELO: HELO_MACROS, Stage.ENVFROM: ENVFROM_MACROS, Stage.EOM: EOM_MACROS},
+)
+_ACTIONS = {"continue": Action.CONTINUE, "accept": Action.ACCEPT}
+
+
+class SessionHandler:
+    """A :class:`~.asyncio_stream.MilterHandler` for one MTA connection."""
+
+    def __init__(self, session: MilterSession, eom_executor: Executor) -> None:
+        self.session = session
+        self._eom_executor = eom_executor
+
+    async def on_event(self, event: ev.Event) -> Reply | None:
+        session = self.session
+        if isinstance(event, ev.Header):
+            return _reply(session.header(text(event.name), text(event.value)))
+        if isinstance(event, ev.EndOfMessage):
+            macros = _values(event.macros, EOM_MACROS)
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(self._eom_executor, session.eom, macros)
+            return _reply(outcome)
+        if isinstance(event, ev.MailFrom):
+            macros = _values(event.macros, ENVFROM_MACROS)
+            return _reply(session.mail(text(event.address), macros))
+        if isinstance(event, ev.Data):
+            return _reply(session.data())
+        if isinstance(event, ev.Helo):
+            return _reply(session.helo(text(event.name), _values(event.macros, HELO_MACROS)))
+        if isinstance(event, ev.Connect):
+            internet = event.family in ("4", "6")
+            address = text(event.address) if internet else ""
+            return _reply(session.connect(address, str(event.port) if internet else ""))
+        if isinstance(event, ev.Abort):
+            session.abort()
+        elif isinstance(event, ev.ConnectionClosed | ev.QuitNewConnection):
+            session.close()
+        return None
+
+
+def handler_factory(
+    make_session: Callable[[], MilterSession], eom_executor: Executor
+) -> Callable[[str], SessionHandler]:
+    """A factory for :class:`~.asyncio_driver.MilterServer`: one session per MTA connection."""
+    return lambda peer: SessionHandler(make_session(), eom_executor)
+
+
+def _values(macros: Macros, names: tuple[str, ...]) -> dict[str, str | None]:
+    return {name: macros.text(name) for name in names}
+
+
+def _reply(outcome: Outcome) -> Reply:
+    """The protocol answer for an outcome; header changes that cannot be sent are logged and
+    left out, never changing the answer."""
+    if not outcome.headers and outcome.reply is None:
+        return ACCEPT if outcome.action == "accept" else CONTINUE
+    changes: tuple[Modification, ...] = tuple(
+        ChangeHeader(c.name, c.index, "") if c.delete else InsertHeader(c.index, c.name, c.value)
+        for c in outcome.headers
+    )
+    action = _ACTIONS.get(outcome.action) or (
+        Action.REJECT if outcome.action == "reject" else Action.TEMPFAIL
+    )
+    smtp = SmtpReply.of(*outcome.reply) if outcome.reply is not None else None
+    try:
+        return Reply(action, smtp, changes)
+    except ValueError as exc:
+        log.error("rewriting the header fields failed; the decision stands: %s", quote(str(exc)))
+        return Reply(action, smtp)

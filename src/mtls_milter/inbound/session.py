@@ -1,0 +1,330 @@
+"""The product's milter decisions, once, for both transports (docs/design.md "Milter transports").
+
+:class:`MilterSession` is one MTA connection: connect, HELO, MAIL FROM, DATA, header fields, end
+of message, abort and close, each taking already-decoded values (bytes decoded with
+``surrogateescape`` by the transport) and macros as a mapping, and answering an :class:`Outcome`:
+continue, accept, reject or tempfail with reply text, plus the header changes to apply. The
+pymilter adapter (:mod:`.milter`) and the asyncio adapter (:mod:`.asyncio_handler`) only
+translate. Every method is guarded: an exception is logged and answered with a fixed outcome,
+mail is never lost.
+
+Connection state (client address, HELO, TLS macros) lives in :class:`_Connection`; transaction
+state (MAIL FROM … end of message) in :class:`Transaction`, reset at every MAIL FROM and on abort.
+At end of message the order is: decide (verdict and action), then the outcome (answer, reply
+text, header changes), then the log line. Only :meth:`MilterSession.eom` may block (it waits for
+the Client MX lookup started at MAIL FROM and for a chain fetch); the asyncio adapter runs it in
+a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, TypeVar
+
+from mtls_milter.core.evaluate import Verdict
+from mtls_milter.core.evidence import session_from_macros
+from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
+from mtls_milter.core.lookups import HostLookup
+from mtls_milter.core.names import SenderKind, parse_mail_from
+from mtls_milter.core.quote import clip
+from mtls_milter.engine import Engine
+from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.policy_service import SessionTable
+from mtls_milter.inbound.session_evidence import (
+    Transaction,
+    action_for,
+    in_networks,
+    reply_text,
+    start_chain_fetch,
+    tls_session,
+    verdict_for,
+)
+
+log = logging.getLogger("mtls_milter")
+
+# Macros the engine reads, requested per stage so neither MTA's default lists matter
+# (docs/design.md lists what each MTA sends). The TLS macros are asked for at MAIL too: a
+# client may skip the second EHLO after STARTTLS.
+TLS_MACROS = (
+    "{tls_version}",
+    "{cert_subject}",
+    "{cert_issuer}",
+    "{verify}",
+    "{cn_subject}",
+    "{cert_fp}",
+    "{cert_md5}",
+)
+HELO_MACROS = (*TLS_MACROS, "j")
+ENVFROM_MACROS = (*TLS_MACROS, "j", "i", "{auth_type}")
+EOM_MACROS = ("i",)
+
+REPLY_REJECT = ("550", "5.7.1")
+REPLY_TEMPFAIL = ("451", "4.7.0")
+
+MacroValues = Mapping[str, str | None]
+
+
+@dataclass
+class EngineHolder:
+    """The current engine; a reload swaps it while sessions in flight keep theirs."""
+
+    engine: Engine
+
+
+@dataclass(frozen=True)
+class HeaderChange:
+    """One header change: delete the ``index``-th (from 1) field called ``name``, or insert a
+    field at position ``index`` (0: at the top)."""
+
+    name: str
+    index: int
+    value: str = ""
+    delete: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A transport-neutral answer: ``continue``, ``accept``, ``reject`` or ``tempfail``; for the
+    last two an SMTP reply (code, enhanced code, text); header changes in the order to apply."""
+
+    action: str = "continue"
+    reply: tuple[str, str, str] | None = None
+    headers: tuple[HeaderChange, ...] = ()
+
+
+CONTINUE = Outcome()
+ACCEPT = Outcome("accept")
+
+
+@dataclass
+class _Connection:
+    client_addr: str = ""
+    client_port: str = ""
+    # When the connect callback ran, on the session table's clock: a policy record older than
+    # this belongs to an earlier SMTP session from the same address and port.
+    connected: float = 0.0
+    helo: str = ""
+    helo_macros: dict[str, str | None] = field(default_factory=dict)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(fallback: Outcome) -> Callable[[_F], _F]:
+    """Log any exception from a step and answer ``fallback`` instead of raising."""
+
+    def decorate(method: _F) -> _F:
+        @wraps(method)
+        def wrapper(self: MilterSession, *args: Any) -> Any:
+            try:
+                return method(self, *args)
+            except Exception:
+                log.exception(
+                    "internal error in %s; answering %s", method.__name__, fallback.action
+                )
+                return fallback
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class MilterSession:
+    """One MTA connection's decisions, whatever the transport."""
+
+    def __init__(
+        self,
+        holder: EngineHolder,
+        executor: Executor,
+        *,
+        sessions: SessionTable | None = None,
+        fetcher: ChainFetcher | None = None,
+    ) -> None:
+        self._holder = holder
+        self._executor = executor
+        self._sessions = sessions  # the policy service's table (Postfix fingerprints)
+        self._fetcher = fetcher  # chain evidence; None: off
+        self._conn = _Connection()
+        self._tx: Transaction | None = None
+        # False when the MTA withholds adding or changing header fields (negotiation): then the
+        # results are logged only.
+        self.header_actions = True
+
+    @property
+    def client_addr(self) -> str:
+        return self._conn.client_addr
+
+    @_guarded(CONTINUE)
+    def connect(self, address: str, port: str) -> Outcome:
+        """A new SMTP client (address and port empty when the MTA did not say)."""
+        self._conn = _Connection(client_addr=address or "", client_port=port or "")
+        if self._sessions is not None:
+            self._conn.connected = self._sessions.now()
+        networks = self._holder.engine.config.policy.internal_networks
+        if networks and in_networks(self._conn.client_addr, networks):
+            log.info("skip client=%s reason=internal network", self._conn.client_addr)
+            return ACCEPT
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def helo(self, name: str, macros: MacroValues) -> Outcome:
+        self._conn.helo = name or ""
+        self._conn.helo_macros = dict(macros)
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def mail(self, sender: str, macros: MacroValues) -> Outcome:
+        """MAIL FROM: a new transaction; the Client MX lookup starts here."""
+        self._tx = None
+        engine = self._holder.engine
+        merged = dict(self._conn.helo_macros)
+        merged.update({k: v for k, v in macros.items() if v is not None})
+        conn = self._conn
+        tx = Transaction(
+            engine, sender or "", time.monotonic(), merged, conn.client_addr, conn.client_port
+        )
+        tx.connected, tx.helo = conn.connected, conn.helo
+        self._tx = tx
+        parsed = parse_mail_from(sender or "")
+        tx.domain = parsed.domain if parsed.kind is SenderKind.DOMAIN else ""
+        tx.macro_session = session_from_macros(merged)
+        if merged.get("{auth_type}"):
+            tx.skip_reason = "SMTP AUTH session"
+            log.info("skip client=%s reason=SMTP AUTH session", conn.client_addr)
+            return ACCEPT
+        tx.prefetch = self._start_prefetch(engine, tx)
+        start_chain_fetch(tx, self._sessions, self._fetcher, wait_for_dns=False)  # Sendmail
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def data(self) -> Outcome:
+        # Postfix's policy request (the fingerprint) arrives at RCPT: after MAIL FROM, before DATA.
+        if self._tx is not None and not self._tx.skip_reason:
+            self._tx.session = tls_session(self._tx, self._sessions)  # every RCPT is done
+            start_chain_fetch(self._tx, self._sessions, self._fetcher, wait_for_dns=False)
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def header(self, name: str, value: str) -> Outcome:
+        if self._tx is not None and name.lower() == HEADER_NAME.lower():
+            self._tx.ar_values.append(value)
+        return CONTINUE
+
+    @_guarded(ACCEPT)
+    def eom(self, macros: MacroValues) -> Outcome:
+        """Decide, then the outcome, then log. May block (DNS, chain fetch)."""
+        tx = self._tx
+        if tx is None:  # no MAIL FROM seen (broken MTA conversation): nothing to judge
+            return ACCEPT
+        self._tx = None
+        if tx.skip_reason:  # skipped at MAIL FROM (an MTA should not even call us here)
+            return ACCEPT
+        tx.macros.update({k: v for k, v in macros.items() if v})
+        verdict = verdict_for(tx, self._sessions, self._fetcher)
+        action = action_for(tx.engine, verdict)
+        dry_run = tx.engine.config.policy.dry_run
+        outcome = ACCEPT
+        if not dry_run and action != "accept":
+            code, xcode = REPLY_REJECT if action == "reject" else REPLY_TEMPFAIL
+            outcome = Outcome(action, (code, xcode, reply_text(verdict)))
+        if not dry_run and self.header_actions:
+            headers = _guarded_headers(tx, verdict)
+            outcome = Outcome(outcome.action, outcome.reply, headers)
+        side_effect("logging the verdict", self._log, tx, verdict, action, dry_run)
+        return outcome
+
+    @_guarded(CONTINUE)
+    def abort(self) -> Outcome:
+        self._tx = None
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def close(self) -> Outcome:
+        self._tx = None
+        return CONTINUE
+
+    def _start_prefetch(self, engine: Engine, tx: Transaction) -> Future[HostLookup] | None:
+        """Look up Client MX at MAIL FROM so end of message rarely waits for DNS.
+
+        A cached answer is taken at once; only a miss goes to the worker pool, so the
+        common case costs no thread hand-off.
+        """
+        if not tx.domain:  # TLS or not: plain text from an opted-in domain fails
+            return None
+        cached = engine.resolver.cached_client_mx(tx.domain)
+        if cached is not None:
+            done: Future[HostLookup] = Future()
+            done.set_result(cached)
+            return done
+        budget = engine.config.dns.budget
+        return self._executor.submit(engine.resolver.client_mx, tx.domain, budget)
+
+    def _log(self, tx: Transaction, verdict: Verdict, action: str, dry_run: bool) -> None:
+        record = {
+            "queue_id": clip(tx.macros.get("i") or ""),
+            "client": tx.client_addr,
+            "helo": tx.helo[:255],
+            "domain": verdict.domain,
+            "result": verdict.result.value,
+            "reason": verdict.reason,
+            "evidence": verdict.evidence.value,
+            "names": list(verdict.names),
+            "matched": verdict.matched,
+            "chain": tx.chain_detail,
+            "action": action,
+            "dry_run": dry_run,
+            "elapsed_ms": round((time.monotonic() - tx.started) * 1000, 2),
+        }
+        log.info("verdict %s", json.dumps(record, separators=(",", ":")))
+
+
+def _guarded_headers(tx: Transaction, verdict: Verdict) -> tuple[HeaderChange, ...]:
+    """Forged fields to delete (descending, so earlier indexes stay valid), then ours on top."""
+    try:
+        config = tx.engine.config
+        authserv_id = config.milter.authserv_id or tx.macros.get("j") or _hostname()
+        forged = fields_to_delete(
+            tx.ar_values, authserv_id, delete_all_ours=config.milter.delete_all_own_results
+        )
+        value = render_folded(verdict.header_field(authserv_id))
+    except Exception:
+        log.exception("rewriting the header fields failed; the decision stands")
+        return ()
+    deletions = tuple(HeaderChange(HEADER_NAME, i, delete=True) for i in forged)
+    return (*deletions, HeaderChange(HEADER_NAME, 0, value))
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(key: str, message: str, *args: object) -> None:
+    """Log ``message`` as a warning the first time ``key`` comes up in this process."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning(message, *args)
+
+
+def side_effect(what: str, action: Callable[..., object], *args: object) -> None:
+    """Run a step whose failure must not change the decision: log it and go on."""
+    try:
+        action(*args)
+    except Exception:
+        with contextlib.suppress(Exception):  # even a broken log handler must not escape
+            log.exception("%s failed; the decision stands", what)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()

@@ -1,0 +1,235 @@
+"""The end-of-message verdict of a :class:`~.session.Transaction`: the Client MX lookup started
+at MAIL FROM, the session's TLS facts (macros, plus the fingerprint from Postfix's policy
+request), the client's chain when one is fetched in time (docs/evidence.md), and the action.
+
+The waits here block (futures with timeouts within the DNS and chain budgets); a transport that
+must not block runs :meth:`~.session.MilterSession.eom` in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mtls_milter.config import FailAction, TemperrorAction
+from mtls_milter.core.certs import name_matches
+from mtls_milter.core.evaluate import Result, Verdict
+from mtls_milter.core.evaluate import Transaction as CoreTransaction
+from mtls_milter.core.evidence import (
+    Evidence,
+    EvidenceKind,
+    TlsSession,
+    session_from_macros,
+    with_chain,
+    with_fingerprint,
+)
+from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus, MxResolver
+from mtls_milter.engine import Engine
+from mtls_milter.inbound.chain_fetch import ChainFetcher, FetchOutcome
+from mtls_milter.inbound.policy_service import SessionTable
+
+log = logging.getLogger("mtls_milter")
+
+MAX_REPLY_TEXT = 200
+
+
+@dataclass
+class Transaction:
+    """One message, MAIL FROM to end of message."""
+
+    engine: Engine
+    mail_from: str
+    started: float
+    macros: dict[str, str | None]
+    client_addr: str = ""
+    client_port: str = ""
+    connected: float = 0.0
+    helo: str = ""
+    skip_reason: str = ""
+    prefetch: Future[HostLookup] | None = None
+    ar_values: list[str] = field(default_factory=list)
+    chain_fetch: Future[FetchOutcome] | None = None  # started at MAIL FROM, DATA or end
+    chain_deadline: float = 0.0
+    chain_detail: str = ""  # for the verdict log line
+    session: TlsSession | None = None  # decoded once the policy request can have arrived (DATA)
+    domain: str = ""  # the MAIL FROM domain when usable, parsed once at MAIL FROM
+    macro_session: TlsSession | None = None  # the macros' TLS facts, decoded once at MAIL FROM
+
+
+def verdict_for(
+    tx: Transaction, sessions: SessionTable | None, fetcher: ChainFetcher | None
+) -> Verdict:
+    """The core's verdict; temperror if anything inside goes wrong."""
+    try:
+        engine = tx.engine
+        if tx.prefetch is not None:
+            domain = tx.domain
+            if not _prefetch_done(tx, tx.prefetch):
+                budget = engine.config.dns.budget
+                reason = f"Client MX lookup did not finish within the {budget:g} s DNS budget"
+                return Verdict(Result.TEMPERROR, reason, domain=domain)
+            # Use the answer itself: a failure is not cached, and asking again would spend
+            # the DNS budget a second time.
+            prefetched = _Prefetched(engine.resolver, domain, tx.prefetch.result())
+            engine = replace(engine, resolver=prefetched)
+        transaction = CoreTransaction(mail_from=tx.mail_from, helo=tx.helo)
+        return engine.evaluate(transaction, _evidence(tx, sessions, fetcher))
+    except Exception:
+        log.exception("internal error during evaluation")
+        return Verdict(Result.TEMPERROR, "internal error", evidence=EvidenceKind.NONE)
+
+
+def tls_session(tx: Transaction, sessions: SessionTable | None) -> TlsSession:
+    """The MTA's TLS facts, plus the fingerprint Postfix's policy request gave for them."""
+    if tx.session is not None:
+        return tx.session
+    session = tx.macro_session or session_from_macros(tx.macros)
+    if sessions is None or not session.tls or session.fingerprint:
+        return session
+    # Only this SMTP session's record: an older one from the same address and port (an
+    # earlier connection, another client behind the same NAT) may name another certificate.
+    facts = sessions.get(tx.client_addr, tx.client_port, since=tx.connected)
+    if facts is not None and facts.fingerprint:
+        session = with_fingerprint(session, facts.fingerprint)
+    return session
+
+
+def start_chain_fetch(
+    tx: Transaction,
+    sessions: SessionTable | None,
+    fetcher: ChainFetcher | None,
+    *,
+    wait_for_dns: bool,
+) -> None:
+    """Start a chain fetch when it can help; a cached chain is taken at once."""
+    if fetcher is None or tx.chain_fetch is not None or not tx.engine.config.chain_fetch.enabled:
+        return
+    session = tls_session(tx, sessions)
+    if not session.fingerprint and not session.fingerprint_md5:
+        return
+    cached = fetcher.cached(session)
+    config = tx.engine.config
+    if cached is None:
+        wanted = _chain_wanted(tx, session, wait_for_dns)
+        if wanted is None:  # undecided until the Client MX lookup is done
+            return
+        if not wanted:
+            tx.chain_detail = "not fetched: a chain cannot change this result"
+            return
+    server_name = session.mta_cn or tx.helo
+    tx.chain_deadline = time.monotonic() + config.chain_fetch.timeout + 0.25
+    tx.chain_fetch = fetcher.start(session, tx.client_addr, server_name, config.chain_fetch)
+
+
+def _chain_wanted(tx: Transaction, session: TlsSession, wait: bool) -> bool | None:
+    """Whether a chain could change the verdict: the MTA did not verify the certificate, or
+    its CN matches no published host. None while the Client MX lookup is still running."""
+    config = tx.engine.config
+    if tx.prefetch is not None:
+        if not tx.prefetch.done() and not wait:
+            return None
+        if not _prefetch_done(tx, tx.prefetch):
+            return False
+        lookup = tx.prefetch.result()
+        if lookup.status is LookupStatus.NOT_FOUND:
+            if not config.policy.server_mx_fallback:
+                return False  # not opted in: no evidence changes "none"
+        elif lookup.status is not LookupStatus.OK or lookup.null:
+            return False
+        elif session.mta_verified and session.mta_cn:
+            wild = config.tls.allow_wildcards
+            return not any(
+                name_matches(session.mta_cn, host, allow_wildcards=wild) for host in lookup.hosts
+            )
+    return not (session.mta_verified and session.mta_cn)
+
+
+def _evidence(
+    tx: Transaction, sessions: SessionTable | None, fetcher: ChainFetcher | None
+) -> Evidence:
+    """The session's evidence, with the client's chain when one is bound to it in time."""
+    session = tls_session(tx, sessions)
+    evidence = Evidence(session=session)
+    if fetcher is None or (not session.fingerprint and not session.fingerprint_md5):
+        return evidence
+    start_chain_fetch(tx, sessions, fetcher, wait_for_dns=True)
+    future = tx.chain_fetch
+    if future is None:
+        return evidence
+    try:
+        outcome = future.result(timeout=max(tx.chain_deadline - time.monotonic(), 0.0))
+    except FutureTimeout:
+        budget = tx.engine.config.chain_fetch.timeout
+        tx.chain_detail = f"chain fetch did not finish within {budget:g} s"
+        log.info("client=%s: %s; no chain evidence", tx.client_addr, tx.chain_detail)
+        return evidence
+    tx.chain_detail = outcome.detail
+    if not outcome.chain:
+        return evidence
+    bound = with_chain(evidence, outcome.chain)
+    if not bound.chain:
+        tx.chain_detail = "chain refused: its leaf is not this session's certificate"
+    return bound
+
+
+def _prefetch_done(tx: Transaction, prefetch: Future[HostLookup]) -> bool:
+    """Wait for the MAIL FROM lookup within what is left of the DNS budget."""
+    remaining = tx.engine.config.dns.budget - (time.monotonic() - tx.started)
+    try:
+        prefetch.result(timeout=max(remaining, 0.0))
+    except FutureTimeout:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Prefetched:
+    """A resolver answering the Client MX lookup made at MAIL FROM, delegating the rest."""
+
+    resolver: MxResolver
+    domain: str
+    lookup: HostLookup
+
+    def client_mx(self, domain: str, budget: float) -> HostLookup:
+        if domain == self.domain:
+            return self.lookup
+        return self.resolver.client_mx(domain, budget)
+
+    def server_mx(self, domain: str, budget: float) -> HostLookup:
+        return self.resolver.server_mx(domain, budget)
+
+    def addresses(self, host: str, budget: float) -> AddressLookup:
+        return self.resolver.addresses(host, budget)
+
+    def cached_client_mx(self, domain: str) -> HostLookup | None:
+        return self.lookup if domain == self.domain else self.resolver.cached_client_mx(domain)
+
+
+def action_for(engine: Engine, verdict: Verdict) -> str:
+    """``accept``, ``reject`` or ``tempfail`` for this verdict under the policy."""
+    policy = engine.config.policy
+    if verdict.result is Result.FAIL and policy.on_fail is not FailAction.ANNOTATE:
+        return policy.on_fail.value
+    if verdict.result is Result.TEMPERROR and policy.on_temperror is TemperrorAction.TEMPFAIL:
+        return "tempfail"
+    return "accept"
+
+
+def reply_text(verdict: Verdict) -> str:
+    """SMTP reply text: printable ASCII, no '%' (libmilter drops replies with odd '%')."""
+    text = f"mtls={verdict.result.value}: {verdict.reason}"
+    clean = "".join(c if " " <= c <= "~" and c != "%" else "?" for c in text)
+    return clean[:MAX_REPLY_TEXT]
+
+
+def in_networks(address: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in networks)

@@ -1,0 +1,197 @@
+"""The asyncio adapter (``SessionHandler``) behind the real asyncio milter server, driven with raw
+milter frames over a unix socket: the same decisions as the pymilter adapter, and end of message
+off the event loop (a slow chain fetch for one client does not hold up another client)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.dnsserver import TestDnsServer
+from support.pki import TestPki
+
+from mtls_milter.config import config_from_mapping
+from mtls_milter.core.certs import fingerprint_sha256
+from mtls_milter.engine import Engine
+from mtls_milter.inbound.asyncio_driver import MilterServer
+from mtls_milter.inbound.asyncio_handler import OPTIONS, handler_factory
+from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.session import EngineHolder, MilterSession
+from mtls_milter.net.starttls import StartTlsResult
+
+AUTHSERV_ID = "mx.receiver.test"
+
+
+def frame(command: bytes, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload) + 1) + command + payload
+
+
+def strings(command: bytes, *parts: bytes) -> bytes:
+    return frame(command, b"".join(p + b"\0" for p in parts))
+
+
+def macros(stage: bytes, values: dict[str, str]) -> bytes:
+    pairs = (x for k, v in values.items() for x in (k.encode(), v.encode()))
+    return frame(b"D", stage + b"".join(x + b"\0" for x in pairs))
+
+
+def conversation(
+    tls: dict[str, str], sender: bytes = b"<a@sender.test>", headers: tuple[bytes, ...] = ()
+) -> bytes:
+    """Postfix's order: macros before each command, every step the milter asked for."""
+    parts = [
+        frame(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)),
+        frame(b"C", b"out.sender.test\x004" + struct.pack(">H", 41000) + b"93.184.216.34\0"),
+        macros(b"H", {"j": AUTHSERV_ID, **tls}),
+        strings(b"H", b"out.sender.test"),
+        macros(b"M", {"i": "Q1"}),
+        strings(b"M", sender),
+        frame(b"T"),
+        *(strings(b"L", b"Authentication-Results", h) for h in headers),
+        strings(b"L", b"Subject", b"\xe9t\xe9"),  # Latin-1: decoded, not refused
+        frame(b"N"),
+        frame(b"E"),
+        frame(b"Q"),
+    ]
+    return b"".join(parts)
+
+
+def replies(stream: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    while stream:
+        (size,) = struct.unpack(">I", stream[:4])
+        out.append((stream[4:5], stream[5 : 4 + size]))
+        stream = stream[4 + size :]
+    return out
+
+
+class SlowHost:
+    """The chain fetch: hangs (blocking, in the fetcher's thread) for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, address: str, port: int, sni: str, **kwargs: Any) -> StartTlsResult:
+        time.sleep(self.seconds)
+        return StartTlsResult(connected=True, error="timed out")
+
+
+@pytest.fixture
+def zone(dns_server: TestDnsServer) -> TestDnsServer:
+    dns_server.add("sender.test", 265, "10 out.sender.test.")
+    return dns_server
+
+
+@pytest.fixture
+def pools() -> Iterator[tuple[ThreadPoolExecutor, ThreadPoolExecutor]]:
+    prefetch, eom = ThreadPoolExecutor(4), ThreadPoolExecutor(4)
+    yield prefetch, eom
+    prefetch.shutdown(cancel_futures=True)
+    eom.shutdown(cancel_futures=True)
+
+
+def engine(zone: TestDnsServer, pki: TestPki, **policy: Any) -> Engine:
+    raw: dict[str, dict[str, Any]] = {
+        "milter": {"authserv_id": AUTHSERV_ID},
+        "dns": {"nameservers": [zone.nameserver], "timeout": 1.0, "budget": 2.0},
+        "tls": {"trust": [str(pki.root_path)]},
+        "chain_fetch": {"timeout": 3.0},
+        "policy": policy,
+    }
+    return Engine.from_config(config_from_mapping(raw))
+
+
+def serve(
+    tmp_path: Path,
+    eng: Engine,
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+    fetcher: ChainFetcher | None = None,
+) -> MilterServer:
+    holder = EngineHolder(eng)
+
+    def make_session() -> MilterSession:
+        return MilterSession(holder, pools[0], fetcher=fetcher)
+
+    factory = handler_factory(make_session, pools[1])
+    return MilterServer(f"unix:{tmp_path / 'm.sock'}", factory, OPTIONS)
+
+
+async def talk(server: MilterServer, stream: bytes) -> tuple[list[tuple[bytes, bytes]], float]:
+    started = time.monotonic()
+    reader, writer = await asyncio.open_unix_connection(server.spec[5:])
+    writer.write(stream)
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return replies(data), time.monotonic() - started
+
+
+def run_one(server: MilterServer, stream: bytes) -> list[tuple[bytes, bytes]]:
+    async def main() -> list[tuple[bytes, bytes]]:
+        await server.start()
+        try:
+            return (await talk(server, stream))[0]
+        finally:
+            await server.aclose()
+
+    return asyncio.run(main())
+
+
+SENDMAIL_OK = {"{tls_version}": "TLSv1.3", "{verify}": "OK", "{cn_subject}": "out.sender.test"}
+SENDMAIL_OTHER = {**SENDMAIL_OK, "{cn_subject}": "out.other.test"}
+
+
+def test_pass_inserts_our_field_and_deletes_a_forged_one(
+    tmp_path: Path, zone: TestDnsServer, pki: TestPki, pools: Any
+) -> None:
+    forged = f"{AUTHSERV_ID}; mtls=pass smtp.mailfrom=sender.test".encode()
+    server = serve(tmp_path, engine(zone, pki), pools)
+    got = run_one(server, conversation(SENDMAIL_OK, headers=(forged,)))
+    commands = [c for c, _ in got]
+    assert commands[0] == b"O" and commands[-1] == b"a"
+    assert (b"m", b"\0\0\0\x01Authentication-Results\0\0") in got  # the forged one, deleted
+    inserted = [p for c, p in got if c == b"i"]
+    assert len(inserted) == 1 and inserted[0].startswith(b"\0\0\0\0Authentication-Results\0")
+    assert b"mtls=pass (evidence=mta; matched out.sender.test" in inserted[0].replace(b"\n\t", b" ")
+
+
+def test_fail_rejects_with_our_reply_text(
+    tmp_path: Path, zone: TestDnsServer, pki: TestPki, pools: Any
+) -> None:
+    server = serve(tmp_path, engine(zone, pki, on_fail="reject"), pools)
+    got = run_one(server, conversation(SENDMAIL_OTHER))
+    reply = [p for c, p in got if c == b"y"]
+    assert len(reply) == 1 and reply[0].startswith(b"550 5.7.1 mtls=fail: ")
+    assert any(c == b"i" and b"mtls=fail" in p for c, p in got)
+
+
+def test_slow_chain_fetch_does_not_delay_another_client(
+    tmp_path: Path, zone: TestDnsServer, pki: TestPki, pools: Any
+) -> None:
+    leaf = pki.leaves["server"]
+    slow_tls = {**SENDMAIL_OTHER, "{verify}": "FAIL", "{cert_fp}": fingerprint_sha256(leaf.cert)}
+    fetcher = ChainFetcher(fetch=SlowHost(2.0), ehlo_name=AUTHSERV_ID)
+    server = serve(tmp_path, engine(zone, pki), pools, fetcher)
+
+    async def main() -> tuple[float, float, float]:
+        await server.start()
+        try:
+            await talk(server, conversation(SENDMAIL_OK))  # warm the DNS cache
+            _, alone = await talk(server, conversation(SENDMAIL_OK))
+            slow = asyncio.ensure_future(talk(server, conversation(slow_tls)))
+            await asyncio.sleep(0.2)  # the slow client is now waiting for its chain
+            _, beside = await talk(server, conversation(SENDMAIL_OK))
+            _, slow_elapsed = await slow
+            return alone, beside, slow_elapsed
+        finally:
+            await server.aclose()
+            fetcher.shutdown()
+
+    alone, beside, slow_elapsed = asyncio.run(main())
+    assert slow_elapsed >= 1.9  # it really waited for its chain fetch
+    assert beside - alone < 0.05, (alone, beside)
