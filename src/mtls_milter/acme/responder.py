@@ -33,6 +33,7 @@ from mtls_milter.runtime.service_thread import ServiceThread
 from mtls_milter.runtime.stream_service import (
     ConnectionLimits,
     Listener,
+    OpenConnections,
     RateLimitedLog,
     peer_identity,
     tcp_listener_sockets,
@@ -126,10 +127,9 @@ class Responder:
         self._listen = list(listen)
         self._optional = list(optional)
         self._read_timeout = read_timeout
-        self.limits = ConnectionLimits(log, max_connections, max_per_peer)
+        self.connections = OpenConnections(ConnectionLimits(log, max_connections, max_per_peer))
         self._accept_log = RateLimitedLog(log)
         self._servers: list[Listener] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self.addresses: list[tuple[str, int]] = []
 
     async def start(self) -> list[tuple[str, int]]:
@@ -172,58 +172,54 @@ class Responder:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
-        tasks = [task for task in self._tasks if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.connections.cancel_all()
 
     # -- one connection, one request -------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = peer_identity(writer)
-        if not self.limits.admit(peer):  # logged there, rate-limited: not one line per refusal
-            writer.write(BUSY)
-            writer.close()
-            return
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         try:
-            try:
-                head = await asyncio.wait_for(
-                    reader.readuntil(b"\r\n\r\n"), timeout=self._read_timeout
-                )
-            except asyncio.LimitOverrunError:
-                await self._reply(writer, peer, _Request(), 431, b"request too large\n", "")
-                return
-            except TimeoutError:
-                await self._reply(writer, peer, _Request(), 408, b"timeout\n", "")
-                return
-            except (asyncio.IncompleteReadError, ConnectionError):
-                _log_line(peer, _Request(), 0, 0, "incomplete request")
-                return
-            request, status, note = self._parse(head)
-            if status:
-                await self._reply(writer, peer, request, status, b"bad request\n", note)
-                return
-            token = request.target[len(CHALLENGE_PATH) :]
-            if not request.target.startswith(CHALLENGE_PATH):
-                body, note = None, "not a challenge path"
-            else:
-                body, note = lookup_token(self.directory, token)
-            if body is None:
-                await self._reply(writer, peer, request, 404, b"not found\n", note)
-                return
-            await self._reply(writer, peer, request, 200, body, "")
+            async with self.connections.admitted(writer) as peer:
+                if peer is None:  # refused by a limit (logged there, rate-limited)
+                    writer.write(BUSY)
+                else:
+                    await self._serve_request(reader, writer, peer)
         except Exception as exc:  # one bad connection never stops the server
-            log.warning("%s: internal error: %s: %s", peer, type(exc).__name__, exc)
+            log.warning(
+                "%s: internal error: %s: %s", peer_identity(writer), type(exc).__name__, exc
+            )
         finally:
-            self.limits.release(peer)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), timeout=self._read_timeout)
-            if task is not None:
-                self._tasks.discard(task)
+
+    async def _serve_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        """Read one request head and answer it."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=self._read_timeout)
+        except asyncio.LimitOverrunError:
+            await self._reply(writer, peer, _Request(), 431, b"request too large\n", "")
+            return
+        except TimeoutError:
+            await self._reply(writer, peer, _Request(), 408, b"timeout\n", "")
+            return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            _log_line(peer, _Request(), 0, 0, "incomplete request")
+            return
+        request, status, note = self._parse(head)
+        if status:
+            await self._reply(writer, peer, request, status, b"bad request\n", note)
+            return
+        token = request.target[len(CHALLENGE_PATH) :]
+        if not request.target.startswith(CHALLENGE_PATH):
+            body, note = None, "not a challenge path"
+        else:
+            body, note = lookup_token(self.directory, token)
+        if body is None:
+            await self._reply(writer, peer, request, 404, b"not found\n", note)
+            return
+        await self._reply(writer, peer, request, 200, body, "")
 
     def _parse(self, head: bytes) -> tuple[_Request, int, str]:
         """(request, 0, "") or (partial request, error status, why)."""

@@ -27,8 +27,9 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from mtls_milter.endpoints import parse_socket_spec
 
@@ -136,6 +137,39 @@ class ConnectionLimits:
         self._peers[peer] -= 1
         if self._peers[peer] <= 0:
             del self._peers[peer]
+
+
+class OpenConnections:
+    """The connections one service holds: admitted under its limits, tracked so that closing
+    the service can end them. The one admit/track/release path of every asyncio service."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, writer: asyncio.StreamWriter) -> AsyncIterator[str | None]:
+        """The peer's identity while its connection is open, or None when a limit refuses it."""
+        peer = peer_identity(writer)
+        if not self.limits.admit(peer):  # logged there, rate-limited
+            yield None
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            yield peer
+        finally:
+            self.limits.release(peer)
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def cancel_all(self) -> None:
+        """Cancel every open connection (but the caller's own) and wait for them."""
+        tasks = [task for task in self._tasks if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 ConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -269,10 +303,9 @@ class StreamService:
         self.port = 0  # the bound TCP port (useful with inet:0@HOST in tests)
         self._socket_mode = socket_mode
         self._log = log
-        self.limits = ConnectionLimits(log, max_connections, max_per_peer)
+        self.connections = OpenConnections(ConnectionLimits(log, max_connections, max_per_peer))
         self._accept_log = RateLimitedLog(log)
         self._limit = limit
-        self._connections: set[asyncio.Task[None]] = set()
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -290,31 +323,25 @@ class StreamService:
             self.port = int(sockets[0].getsockname()[1])
         return Listener(sockets, self._on_connect, log=self._accept_log, limit=self._limit)
 
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The caps on open connections (their counters too)."""
+        return self.connections.limits
+
     async def close_connections(self) -> None:
         """Cancel the open connections and wait for them."""
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.connections.cancel_all()
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = peer_identity(writer)
-        if not self.limits.admit(peer):
-            writer.close()
-            return
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
         try:
-            await self.serve_connection(reader, writer)
+            async with self.connections.admitted(writer) as peer:
+                if peer is not None:
+                    await self.serve_connection(reader, writer)
         except asyncio.CancelledError:
             pass
         except Exception:  # one bad connection must never take the service down
             self._log.exception("connection failed")
         finally:
-            self.limits.release(peer)
-            if task is not None:
-                self._connections.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
