@@ -56,6 +56,21 @@ class MxResolver(Protocol):
     def cached_client_mx(self, domain: str) -> HostLookup | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class TxtLookup:
+    """Result of a TXT lookup: each record's character-strings joined, as raw bytes."""
+
+    status: LookupStatus
+    records: tuple[bytes, ...] = ()
+    detail: str = ""
+
+
+class TxtResolver(Protocol):
+    """TXT lookups (DMARC policy records, DKIM keys, SPF records), inside the same budget."""
+
+    def txt(self, name: str, budget: float) -> TxtLookup: ...
+
+
 # A label: 1-63 printable ASCII characters other than "." and "\\" (which would need escapes).
 _LABEL = r"[!-\-/-\[\]-~]{1,63}"
 _VALID_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")

@@ -16,7 +16,7 @@ a closed DNS port is noticed at once instead of after the timeout.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dns.exception
@@ -41,10 +41,10 @@ from mtls_milter.core.lookups import (
     AddressLookup,
     HostLookup,
     LookupStatus,
+    TxtLookup,
     query_name,
 )
 from mtls_milter.core.lru import TimedLRU
-from mtls_milter.core.mxrdata import MxRdataError, decode_mx_rdata, exchange_text
 from mtls_milter.core.quote import clip
 from mtls_milter.endpoints import parse_nameserver
 from mtls_milter.net.dnstransport import (
@@ -52,17 +52,18 @@ from mtls_milter.net.dnstransport import (
     describe_errors,
     describe_timeout,
 )
+from mtls_milter.net.mxset import MAX_HOSTS, hosts_from_rdatas
 
 if TYPE_CHECKING:
     from mtls_milter.config import DnsConfig
 
 __all__ = ["MAX_HOSTS", "DnsResolver", "hosts_from_rdatas"]
 
-MAX_HOSTS = 10  # Client MX host names per lookup; more is PERMFAIL (the MX set is unlimited)
 NEGATIVE_TTL_WITHOUT_SOA = 60  # RFC 2308 gives no default; 60 s is what common resolvers use
 _MX = int(dns.rdatatype.MX)
 _A = int(dns.rdatatype.A)
 _AAAA = int(dns.rdatatype.AAAA)
+_TXT = int(dns.rdatatype.TXT)
 
 
 class _QueryOutcome:
@@ -225,6 +226,28 @@ class DnsResolver:
             return AddressLookup(LookupStatus.PERMFAIL, detail=f"bad host name: {exc}")
         return self._addresses(name, budget, stop_on_first=False)
 
+    def txt(self, name: str, budget: float) -> TxtLookup:
+        """Look up the TXT records at ``name`` (cached like every other answer)."""
+        try:
+            qname = query_name(name)
+        except ValueError as exc:
+            return TxtLookup(LookupStatus.PERMFAIL, detail=f"bad name: {exc}")
+        cached = self._cache_get(qname, _TXT)
+        if cached is not None:
+            result: TxtLookup = cached
+            return result
+        if budget <= 0:
+            return TxtLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
+        outcome = self._query(qname, _TXT, budget)
+        if outcome.status is LookupStatus.OK and outcome.rrset is not None:
+            records = tuple(b"".join(getattr(rd, "strings", ())) for rd in outcome.rrset)
+            result = TxtLookup(LookupStatus.OK, records)
+        else:
+            result = TxtLookup(outcome.status, detail=outcome.detail)
+        if outcome.status is not LookupStatus.TEMPFAIL:
+            self._cache_put(qname, _TXT, result, outcome.ttl)
+        return result
+
     def cache_stats(self) -> dict[str, int]:
         """Cache counters: hits, misses, size."""
         return self._cache.stats()
@@ -327,61 +350,6 @@ def _hosts_from_outcome(
             outcome.ttl,
         )
     return hosts_from_rdatas(outcome.rrset, what, limit), outcome.ttl
-
-
-def hosts_from_rdatas(
-    rdatas: Iterable[dns.rdata.Rdata | bytes],
-    what: str = "Client MX",
-    limit: int | None = MAX_HOSTS,
-) -> HostLookup:
-    """The host set of an MX-format RRset (rdata objects or raw rdata bytes); never raises.
-
-    OK with the hosts (or ``null``), or PERMFAIL when a record is malformed, a null record is
-    mixed with others, or there are more than ``limit`` distinct names (None: no limit).
-    """
-    try:
-        records = [_decode_mx(rd) for rd in rdatas]
-    except MxRdataError as exc:
-        return HostLookup(LookupStatus.PERMFAIL, detail=f"{what} rdata malformed: {exc}")
-    if not records:
-        return HostLookup(LookupStatus.NOT_FOUND, detail=f"no {what} record (empty answer)")
-    return _hosts_from_records(records, what, limit)
-
-
-def _decode_mx(rd: dns.rdata.Rdata | bytes) -> tuple[int, str]:
-    """(preference, exchange text) of an MX-format record; MxRdataError says what is wrong."""
-    if isinstance(rd, bytes):
-        return decode_mx_rdata(rd)
-    exchange = getattr(rd, "exchange", None)
-    preference = getattr(rd, "preference", None)
-    if isinstance(exchange, dns.name.Name) and isinstance(preference, int):
-        # The type is MX (or registered): dnspython decoded it already.
-        labels = exchange.labels[:-1] if exchange.is_absolute() else exchange.labels
-        return preference, exchange_text(labels)
-    data = getattr(rd, "data", None)
-    if not isinstance(data, bytes):
-        raise MxRdataError(f"unexpected record class {type(rd).__name__}")
-    return decode_mx_rdata(data)
-
-
-def _hosts_from_records(records: list[tuple[int, str]], what: str, limit: int | None) -> HostLookup:
-    if any(text == "." for _, text in records):
-        if len(records) == 1:
-            return HostLookup(LookupStatus.OK, null=True, detail=f"null {what} (RFC 7505)")
-        return HostLookup(
-            LookupStatus.PERMFAIL, detail=f"null {what} '.' mixed with other {what} records"
-        )
-    best: dict[str, int] = {}
-    for preference, text in records:
-        if text not in best or preference < best[text]:
-            best[text] = preference
-    if limit is not None and len(best) > limit:
-        return HostLookup(
-            LookupStatus.PERMFAIL,
-            detail=f"{len(best)} {what} host names, more than the limit of {limit}",
-        )
-    hosts = tuple(sorted(best, key=lambda text: (best[text], text)))
-    return HostLookup(LookupStatus.OK, hosts)
 
 
 def _negative_ttl(responses: Any) -> int:
