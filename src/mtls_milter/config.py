@@ -137,6 +137,17 @@ class ChainFetchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DmarcConfig:
+    """``[dmarc]``: DMARC (RFC 9989) with mtls as an authentication method (docs/dmarc.md)."""
+
+    enabled: bool = False  # off: no From parsing, no DMARC lookups, no body for DKIM
+    enforce: bool = False  # act on p=quarantine/p=reject failures; otherwise annotate only
+    spf: str = "verify"  # "verify" here, "trusted-results" from trusted fields, or "off"
+    dkim: str = "verify"
+    trusted_authserv_ids: tuple[str, ...] = ()  # whose spf=/dkim= results "trusted-results" takes
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -147,6 +158,7 @@ class Config:
     policy_map: PolicyMapConfig = field(default_factory=PolicyMapConfig)
     policy_service: PolicyServiceConfig = field(default_factory=PolicyServiceConfig)
     chain_fetch: ChainFetchConfig = field(default_factory=ChainFetchConfig)
+    dmarc: DmarcConfig = field(default_factory=DmarcConfig)
     source: str = "<built-in defaults>"
 
 
@@ -245,6 +257,23 @@ def _map_name(value: Any) -> str:
     return text
 
 
+DMARC_INPUTS = ("verify", "trusted-results", "off")
+
+
+def _one_of(allowed: tuple[str, ...]) -> Converter:
+    def convert(value: Any) -> str:
+        if _str(value) not in allowed:
+            raise ValueError("expected one of " + ", ".join(f'"{a}"' for a in allowed))
+        return str(value)
+
+    return convert
+
+
+def _authserv_id(text: str) -> None:
+    if not text or any(ch.isspace() or ch in ';()"' for ch in text):
+        raise ValueError("expected an authserv-id (a host name, no blanks or ;)")
+
+
 def _trust_source(value: Any) -> str:
     text = _str(value)
     if not text:
@@ -304,6 +333,13 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "cache_ttl": _integer(0, 7 * 86400),
         "negative_ttl": _integer(0, 86400),
     },
+    "dmarc": {
+        "enabled": _bool,
+        "enforce": _bool,
+        "spf": _one_of(DMARC_INPUTS),
+        "dkim": _one_of(DMARC_INPUTS),
+        "trusted_authserv_ids": _list_of(_checked_by(_authserv_id)),
+    },
 }
 
 
@@ -341,6 +377,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         policy_map=replace(PolicyMapConfig(), **sections.get("policy_map", {})),
         policy_service=replace(PolicyServiceConfig(), **sections.get("policy_service", {})),
         chain_fetch=replace(ChainFetchConfig(), **sections.get("chain_fetch", {})),
+        dmarc=replace(DmarcConfig(), **sections.get("dmarc", {})),
         source=source,
     )
     _check_cross_field(config)
@@ -368,6 +405,9 @@ def _check_cross_field(config: Config) -> None:
             f"{config.source}: [dns] timeout ({config.dns.timeout:g} s) exceeds [dns] budget "
             f"({config.dns.budget:g} s)"
         )
+    dmarc = config.dmarc
+    if "trusted-results" in (dmarc.spf, dmarc.dkim) and not dmarc.trusted_authserv_ids:
+        raise ConfigError(f'{config.source}: [dmarc] "trusted-results" needs trusted_authserv_ids')
     if not config.tls.trust:
         raise ConfigError(f'{config.source}: [tls] trust is empty; use ["system"] or PEM paths')
 
