@@ -17,6 +17,7 @@ from mtls_milter.core.author import AuthorStatus, author_domains
 from mtls_milter.core.clock import Clock
 from mtls_milter.core.dmarc_record import Policy
 from mtls_milter.core.dmarc_walk import Budget, Found, Walk, organizational_domain, tree_walk
+from mtls_milter.core.header import MethodResult
 from mtls_milter.core.lookups import LookupStatus, TxtResolver
 
 __all__ = [
@@ -25,7 +26,9 @@ __all__ = [
     "DmarcResult",
     "Identifier",
     "decide",
+    "dmarc_method",
     "evaluate_dmarc",
+    "identifier_method",
 ]
 
 METHOD_ORDER = ("mtls", "spf", "dkim")
@@ -225,3 +228,21 @@ def decide(result: DmarcResult, *, enforce: bool, dry_run: bool) -> DmarcDecisio
         return DmarcDecision(DmarcAction.QUARANTINE, "dmarc=fail, p=quarantine")
     text = f"DMARC policy of {result.domain} rejects this message (no aligned authentication)"
     return DmarcDecision(DmarcAction.REJECT, "dmarc=fail, p=reject", ("550", "5.7.1", text))
+
+
+def dmarc_method(result: DmarcResult) -> MethodResult:
+    """Our field's ``dmarc=`` result: ``dmarc=pass (p=reject; aligned=mtls) header.from=d``."""
+    parts = [f"p={result.policy}"] if result.policy else []
+    if result.aligned:
+        parts.append("aligned=" + ",".join(result.aligned))
+    if result.result != "pass" and result.reason:
+        parts.append(result.reason)
+    return MethodResult("dmarc", result.result, "; ".join(parts), (("header.from", result.domain),))
+
+
+def identifier_method(ident: Identifier) -> MethodResult:
+    """Our field's ``spf=`` or ``dkim=`` result for an identifier verified here."""
+    if ident.method == "spf":
+        return MethodResult("spf", ident.result, "", (("smtp.mailfrom", ident.domain),))
+    props = (("header.d", ident.domain), ("header.s", ident.selector))
+    return MethodResult("dkim", ident.result, "", props)

@@ -20,6 +20,7 @@ from mtls_milter.errors import InputError
 __all__ = [
     "HEADER_NAME",
     "RESULTS",
+    "MethodResult",
     "MtlsField",
     "fields_to_delete",
     "render_field",
@@ -34,6 +35,15 @@ HEADER_NAME = "Authentication-Results"
 METHOD = "mtls"
 RESULTS = frozenset({"pass", "fail", "none", "temperror", "permerror"})
 PTYPE_PROPERTIES = frozenset({"mailfrom", "helo"})
+# The further methods our field may carry (RFC 8601 §2.7 result names; dmarc: RFC 9989) and the
+# properties we write for them.
+METHOD_RESULTS = {
+    "spf": frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"}),
+    "dkim": frozenset({"pass", "fail", "neutral", "policy", "none", "temperror", "permerror"}),
+    "dmarc": RESULTS,
+}
+METHOD_PROPERTIES = frozenset({"smtp.mailfrom", "header.d", "header.s", "header.from"})
+OUR_METHODS = frozenset({METHOD, *METHOD_RESULTS})
 
 COMMENT_MAX_LEN = 200
 """Bound of one sanitized comment part."""
@@ -73,12 +83,32 @@ class MtlsField:
     comment: tuple[str, ...] = ()
     ptype_property: str = "mailfrom"
     value: str = ""
+    more: tuple[MethodResult, ...] = ()  # spf, dkim, dmarc results, each after a ";"
 
     def __post_init__(self) -> None:
         if self.result not in RESULTS:
             raise ValueError(f"invalid mtls result {self.result!r}")
         if self.ptype_property not in PTYPE_PROPERTIES:
             raise ValueError(f"invalid smtp property {self.ptype_property!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class MethodResult:
+    """A further result in our field, after ``mtls``: ``method=result [(comment)] props``.
+
+    Raises ValueError for a method, result or property outside the vocabulary above.
+    """
+
+    method: str
+    result: str
+    comment: str = ""
+    properties: tuple[tuple[str, str], ...] = ()  # (ptype.property, value); empty values omitted
+
+    def __post_init__(self) -> None:
+        if self.result not in METHOD_RESULTS.get(self.method, ()):
+            raise ValueError(f"invalid {self.method!r} result {self.result!r}")
+        if any(name not in METHOD_PROPERTIES for name, _ in self.properties):
+            raise ValueError(f"invalid property in {self.properties!r}")
 
 
 # --- sanitizing --------------------------------------------------------------------------------
@@ -180,16 +210,25 @@ def _tokens(field: MtlsField) -> list[str]:
         reason = sanitize_reason(field.reason)
         if reason:  # authres rejects reason="" ("Expected reason")
             tokens.append(f'reason="{reason}"')
-    parts = [p for p in (sanitize_comment(c) for c in field.comment) if p]
+    _add_comment(tokens, field.comment)
+    if field.value.strip():
+        tokens.append(f"smtp.{field.ptype_property}={_render_pvalue(field.value)}")
+    for more in field.more:
+        tokens[-1] += ";"
+        tokens.append(f"{more.method}={more.result}")
+        _add_comment(tokens, (more.comment,))
+        tokens.extend(f"{name}={_render_pvalue(value)}" for name, value in more.properties if value)
+    return tokens
+
+
+def _add_comment(tokens: list[str], parts_in: tuple[str, ...]) -> None:
+    parts = [p for p in (sanitize_comment(c) for c in parts_in) if p]
     comment = _bound("; ".join(parts), COMMENT_TOTAL_MAX_LEN)
     if comment:
         words = comment.split(" ")
         words[0] = "(" + words[0]
         words[-1] += ")"
         tokens.extend(words)
-    if field.value.strip():
-        tokens.append(f"smtp.{field.ptype_property}={_render_pvalue(field.value)}")
-    return tokens
 
 
 def render_value(field: MtlsField) -> str:
@@ -280,31 +319,39 @@ def _claimed_authserv_id(value: str) -> str | None:
         return token.lower() or None
 
 
-def _carries_mtls(value: str) -> bool:
-    """Return whether authres finds an ``mtls`` result; raises if authres cannot parse."""
+def _carries_ours(value: str, methods: frozenset[str]) -> bool:
+    """Return whether authres finds a result of one of ``methods``; raises if it cannot parse."""
     header = authres.AuthenticationResultsHeader.parse_value(value)
-    return any(str(result.method).lower() == METHOD for result in header.results)
+    return any(str(result.method).lower() in methods for result in header.results)
 
 
-def _should_delete(value: str, our_id: str, delete_all_ours: bool) -> bool:
+def _should_delete(
+    value: str, our_id: str, delete_all_ours: bool, methods: frozenset[str] = frozenset({METHOD})
+) -> bool:
     if _claimed_authserv_id(value) != our_id:
         return False
     if delete_all_ours or len(value) > MAX_PARSE_LEN:
         return True
     try:
-        return _carries_mtls(value)
+        return _carries_ours(value, methods)
     except Exception:  # malformed (or too deep) yet claiming us: forged
         return True
 
 
 def fields_to_delete(
-    values: Sequence[str], authserv_id: str, *, delete_all_ours: bool = False
+    values: Sequence[str],
+    authserv_id: str,
+    *,
+    delete_all_ours: bool = False,
+    methods: frozenset[str] = frozenset({METHOD}),
 ) -> list[int]:
     """Return the 1-based indexes (descending) of the ``Authentication-Results`` fields to delete.
 
     ``values`` are the existing fields' values in the order the MTA presents them.  A field is
     deleted when its authserv-id (lower-cased, a "/jobid" suffix cut) equals ours (sanitized,
-    lower-cased) and either ``delete_all_ours`` or it carries an ``mtls`` result per authres.
+    lower-cased) and either ``delete_all_ours`` or it carries a result of one of ``methods`` (the
+    methods we write: ``mtls``, and with DMARC on ``dmarc`` and the ones verified here) per
+    authres.
     A field claiming our id that authres cannot parse, or longer than MAX_PARSE_LEN, is
     deleted as forged; other fields are left alone.  Never raises: an internal error keeps
     the field.
@@ -313,7 +360,7 @@ def fields_to_delete(
     indexes: list[int] = []
     for index, value in enumerate(values, start=1):
         try:
-            if _should_delete(value, our_id, delete_all_ours):
+            if _should_delete(value, our_id, delete_all_ours, methods):
                 indexes.append(index)
         except Exception:  # never raise; keep the field
             continue
