@@ -5,7 +5,11 @@ instance (``MAIL_CONFIG``) with the README's ``postconf -e`` loop and the prepen
 ``main.cf.policy``; the daemon runs from ``examples/mtls-milter.toml`` on the unix socket it
 names, in a directory made by the recipe in ``main.cf.inbound``. Only what the README says differs
 is replaced: TLS file paths, the two TCP ports, the socket directory (full path: this smtpd is not
-chrooted), the DNS server and trust anchor, and ``user`` (no mtls-milter account here).
+chrooted), the DNS server and trust anchor, and the account: the daemons run as ``nobody``
+instead of ``mtls-milter``, started the way the shipped systemd unit starts them (``User=``,
+no supplementary groups, no capabilities, ``MemoryDenyWriteExecute=yes`` as
+``prctl(PR_SET_MDWE)`` where the kernel has it). The socket gets group postfix from the
+set-group-ID directory alone.
 
 Trailing ``# comments`` in a value pass ``postfix check`` but stop smtpd at start-up: here they
 would show as no SMTP greeting or no header.
@@ -36,6 +40,23 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 POSTCONF = "/usr/sbin/postconf"
+ACCOUNT = "nobody"  # stands for mtls-milter
+# What systemd does for the unit: User=, no supplementary groups, NoNewPrivileges=yes,
+# CapabilityBoundingSet= (setpriv), then MemoryDenyWriteExecute=yes (PR_SET_MDWE before anything
+# is imported; Linux >= 6.3, else the daemon runs without it), then the command line's main().
+SETPRIV = [
+    "setpriv",
+    f"--reuid={ACCOUNT}",
+    "--regid=nogroup",
+    "--clear-groups",
+    "--no-new-privs",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+]
+UNIT_LIKE = (
+    "import ctypes, sys; ctypes.CDLL(None).prctl(65, 1, 0, 0, 0); "
+    "from mtls_milter.cli.main import main; sys.exit(main(sys.argv[1:]))"
+)
 OPERATOR_RESTRICTIONS = "permit_mynetworks, reject_unauth_destination"
 MESSAGE = (
     b"From: <someone@sender.test>\r\nTo: <someone@receiver.test>\r\nSubject: examples\r\n"
@@ -126,14 +147,14 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise AssertionError(f"no listener on port {port}:\n{log.read_text(errors='replace')}")
 
 
-def _daemon_config(sock_dir: Path, dns: TestDnsServer, pki: TestPki, ports: dict[str, int]) -> str:
+def _daemon_config(sock_dir: Path, dns: TestDnsServer, trust: Path, ports: dict[str, int]) -> str:
     with (EXAMPLES / "mtls-milter.toml").open("rb") as f:
         config: dict[str, Any] = tomllib.load(f)
     milter = config["milter"]
     milter["socket"] = milter["socket"].replace("/var/spool/postfix/mtls-milter", str(sock_dir))
     milter["user"] = ""
     config["dns"]["nameservers"] = [dns.nameserver]
-    config["tls"]["trust"] = [str(pki.root_path)]
+    config["tls"]["trust"] = [str(trust)]
     config["policy_service"]["socket"] = f"inet:{ports['policy']}@127.0.0.1"
     config["policy_map"]["socket"] = f"inet:{ports['map']}@127.0.0.1"
     return toml_text(config)
@@ -152,7 +173,7 @@ def rig(
     base.chmod(0o755)
     sock_dir = base / "mtls-milter"
     recipe = _line_with(EXAMPLES / "postfix" / "main.cf.inbound", "install -d -o mtls-milter")
-    recipe = recipe.replace("-o mtls-milter", "-o root").replace(
+    recipe = recipe.replace("-o mtls-milter", f"-o {ACCOUNT}").replace(
         "/var/spool/postfix/mtls-milter", str(sock_dir)
     )
     subprocess.run(recipe.split(), check=True)
@@ -170,14 +191,19 @@ def rig(
     procs: list[subprocess.Popen[bytes]] = []
     with TestDnsServer() as dns:
         dns.add("sender.test", 265, "10 out.sender.test.")
-        config = work / "mtls-milter.toml"
-        config.write_text(_daemon_config(sock_dir, dns, pki, ports))
+        trust = base / "ca.pem"  # the daemon's user must read what it needs
+        shutil.copyfile(pki.root_path, trust)
+        config = base / "mtls-milter.toml"
+        config.write_text(_daemon_config(sock_dir, dns, trust, ports))
+        trust.chmod(0o644)
+        config.chmod(0o644)
         try:
+            python = [sys.executable, "-c", UNIT_LIKE]
             for command, log in (("serve", work / "serve.log"), ("policy-map", work / "map.log")):
                 with log.open("wb") as out:
                     procs.append(
                         subprocess.Popen(
-                            [sys.executable, "-m", "mtls_milter", command, "--config", str(config)],
+                            [*SETPRIV, *python, command, "--config", str(config)],
                             stdout=out,
                             stderr=subprocess.STDOUT,
                         )
@@ -198,6 +224,13 @@ def rig(
                 proc.terminate()
                 proc.wait(10)
             shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_socket_belongs_to_group_postfix(rig: tuple[ExamplePostfix, Path]) -> None:
+    postfix, _ = rig
+    path = Path(postfix.substituted("unix:/mtls-milter/milter.sock").removeprefix("unix:"))
+    st = path.stat()
+    assert (path.owner(), path.group(), oct(st.st_mode & 0o777)) == (ACCOUNT, "postfix", "0o660")
 
 
 def test_policy_check_is_prepended_to_the_operators_restrictions(
