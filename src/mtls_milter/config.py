@@ -39,6 +39,13 @@ class FailAction(StrEnum):
     TEMPFAIL = "tempfail"
 
 
+class MilterTransport(StrEnum):
+    """Who speaks the milter protocol: libmilter via pymilter, or our own core on asyncio."""
+
+    PYMILTER = "pymilter"
+    ASYNCIO = "asyncio"
+
+
 class TemperrorAction(StrEnum):
     """What to do with a message whose result is ``temperror``."""
 
@@ -66,6 +73,7 @@ class MilterConfig:
     user: str = ""  # when started as root: drop to this user after opening the socket
     group: str = ""  # ... and this group (default: the user's primary group)
     socket_mode: str = "0660"  # permissions of a unix socket (the MTA must be able to connect)
+    transport: MilterTransport = MilterTransport.PYMILTER
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +130,7 @@ class PolicyServiceConfig:
 
 @dataclass(frozen=True, slots=True)
 class ChainFetchConfig:
-    """``[chain_fetch]``: fetch the client's chain from its own host's SMTP port.
-
-    See docs/evidence.md, "How the chain is obtained".
-    """
+    """``[chain_fetch]``: fetch the client's chain from its host's SMTP port (docs/evidence.md)."""
 
     enabled: bool = True  # runs only when a fingerprint is known and the MTA evidence falls short
     port: int = 25
@@ -289,6 +294,7 @@ _SCHEMA: dict[str, dict[str, Converter]] = {
         "user": _str,
         "group": _str,
         "socket_mode": _octal_mode,
+        "transport": _enum(MilterTransport),
     },
     "dns": {
         "nameservers": _list_of(_checked_by(parse_nameserver)),

@@ -12,6 +12,7 @@ are read.
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from support.daemon import MilterDaemon
 from support.dnsserver import TestDnsServer
+from support.milter_client import MilterClient
 from support.pki import TestPki
 from support.ports import free_port
 
@@ -64,18 +66,31 @@ def _tasks(pid: int) -> list[Task]:
     return tasks
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, pki: TestPki) -> Iterator[MilterDaemon]:
+def _running(tmp_path: Path, pki: TestPki, transport: str) -> Iterator[MilterDaemon]:
     with TestDnsServer() as dns:
         dns.add("sender.test", 265, "10 out.sender.test.")
         config: dict[str, dict[str, Any]] = {
-            "milter": {"authserv_id": "mx.receiver.test"},
+            "milter": {"authserv_id": "mx.receiver.test", "transport": transport},
             "dns": {"nameservers": [dns.nameserver], "timeout": 1.0, "budget": 2.0},
             "tls": {"trust": [str(pki.root_path)]},
             "policy_service": {"socket": f"inet:{free_port()}@127.0.0.1"},
         }
         with MilterDaemon(tmp_path / "milter", config) as running:
             yield running
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, pki: TestPki) -> Iterator[MilterDaemon]:
+    """The daemon on the pymilter transport (libmilter's threads and signals)."""
+    yield from _running(tmp_path, pki, "pymilter")
+
+
+@pytest.fixture(params=["pymilter", "asyncio"])
+def any_daemon(
+    request: pytest.FixtureRequest, tmp_path: Path, pki: TestPki
+) -> Iterator[MilterDaemon]:
+    """The daemon on each transport."""
+    yield from _running(tmp_path, pki, request.param)
 
 
 def _conversations(daemon: MilterDaemon, count: int) -> None:
@@ -141,7 +156,8 @@ def test_libmilter_stopping_by_itself_exits_with_status_1(daemon: MilterDaemon) 
     assert f"ERROR mtls_milter: {STOPPED_BY_ITSELF}; exiting with status 1" in log, log
 
 
-def test_sigterm_stops_with_status_0(daemon: MilterDaemon) -> None:
+def test_sigterm_stops_with_status_0(any_daemon: MilterDaemon) -> None:
+    daemon = any_daemon
     _conversations(daemon, 2)
     assert daemon.stop() == 0
     log = daemon.log_text()
@@ -150,7 +166,8 @@ def test_sigterm_stops_with_status_0(daemon: MilterDaemon) -> None:
     assert "ERROR" not in log and "Traceback" not in log, log
 
 
-def test_sigusr1_and_sighup_both_reload(daemon: MilterDaemon) -> None:
+def test_sigusr1_and_sighup_both_reload(any_daemon: MilterDaemon) -> None:
+    daemon = any_daemon
     assert daemon.signal_reload(signum=signal.SIGUSR1)
     assert daemon.signal_reload(signum=signal.SIGHUP)
     reloads = [line for line in daemon.log_text().splitlines() if "reloaded: " in line]
@@ -158,3 +175,28 @@ def test_sigusr1_and_sighup_both_reload(daemon: MilterDaemon) -> None:
     assert reloads[-1].endswith("dns=kept (cached answers stay) signal=SIGHUP"), reloads
     _conversations(daemon, 2)
     assert daemon.running()
+
+
+def test_sigterm_on_asyncio_lets_the_message_in_flight_finish(tmp_path: Path, pki: TestPki) -> None:
+    """A stop waits (up to its grace period) for a message between MAIL FROM and end of message;
+    new connections are refused at once."""
+    for daemon in _running(tmp_path, pki, "asyncio"):
+        with MilterClient.connect(("127.0.0.1", daemon.port)) as client:
+            client.optneg()
+            client.connect_info()
+            client.helo("client.example")
+            client.mail("<alice@sender.test>")
+            client.data()
+            client.header("Subject", "in flight")
+            assert daemon.pid is not None
+            os.kill(daemon.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            assert daemon.running()
+            with pytest.raises(OSError):
+                MilterClient.connect(("127.0.0.1", daemon.port), timeout=1.0).optneg()
+            client.eoh()
+            result = client.eom()
+        assert result.final.command == b"a"
+        assert [v for v in result.header_values("Authentication-Results") if "mtls=" in v]
+        assert daemon.stop() == 0
+        assert "INFO mtls_milter: stopping on SIGTERM" in daemon.log_text()

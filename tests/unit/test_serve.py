@@ -20,14 +20,16 @@ from support.daemon import toml_text
 from support.pki import TestPki
 
 from mtls_milter.inbound import daemon as serve
-from mtls_milter.inbound.daemon import Daemon, build_engine, signals_blocked
+from mtls_milter.inbound import daemon_common
+from mtls_milter.inbound.daemon import Daemon, signals_blocked
+from mtls_milter.inbound.daemon_common import build_engine
 
 
 @pytest.fixture
 def resolv_conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "resolv.conf"
     path.write_text("nameserver 192.0.2.53\n")
-    monkeypatch.setattr(serve, "RESOLV_CONF", path)
+    monkeypatch.setattr(daemon_common, "RESOLV_CONF", path)
     return path
 
 

@@ -124,8 +124,10 @@ class MilterServer:
         await asyncio.shield(self._closed)
 
     async def aclose(self, grace: float = 10.0) -> None:
-        """Stop listening, end every conversation; handlers get ``grace`` seconds to finish."""
+        """Stop listening; messages in flight (MAIL FROM seen, end of message not answered)
+        get up to ``grace`` seconds to finish, then every conversation ends."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._retry is not None:
@@ -135,6 +137,9 @@ class MilterServer:
             sock.close()
         self._sockets = []
         await asyncio.gather(*self._starting, return_exceptions=True)
+        while any(stream.in_message for stream in self._streams) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        grace = max(deadline - loop.time(), 0.1)
         tasks = [
             asyncio.ensure_future(stream.shutdown("server shutting down"))
             for stream in list(self._streams)

@@ -16,7 +16,14 @@ from typing import Protocol, cast
 
 from mtls_milter.core.quote import quote
 
-from .events import ConnectionClosed, Event
+from .events import (
+    Abort,
+    ConnectionClosed,
+    EndOfMessage,
+    Event,
+    MailFrom,
+    QuitNewConnection,
+)
 from .negotiation import MilterOptions
 from .protocol import MilterConnection
 from .replies import CONTINUE, Reply
@@ -65,6 +72,8 @@ class MilterStream(asyncio.BufferedProtocol):
         self._partial_since = 0.0  # when the incomplete command now buffered began (0: none)
         self._paused = False
         self._pause_above = 0
+        # MAIL FROM seen, end of message not yet answered: a stop waits for such a message.
+        self.in_message = False
 
     # -- asyncio protocol callbacks ---------------------------------------------------------------
 
@@ -131,6 +140,9 @@ class MilterStream(asyncio.BufferedProtocol):
                     self._wakeup = None
                     continue
                 self._waiting_since = 0.0
+                kind = type(event)
+                if kind is MailFrom:
+                    self.in_message = True
                 reply: Reply | None = None
                 if handler is not None:
                     try:
@@ -141,7 +153,9 @@ class MilterStream(asyncio.BufferedProtocol):
                 if event.needs_reply:
                     self._answer(core, reply)
                     self._flush(core, transport)  # before the next event's handler runs
-                if type(event) is ConnectionClosed:
+                if kind in _MESSAGE_ENDS:
+                    self.in_message = False
+                if kind is ConnectionClosed:
                     break
         finally:
             self._flush(core, transport)
@@ -205,6 +219,9 @@ class MilterStream(asyncio.BufferedProtocol):
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+_MESSAGE_ENDS = frozenset((EndOfMessage, Abort, QuitNewConnection, ConnectionClosed))
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:

@@ -28,11 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
-import grp
 import logging
 import os
-import pwd
 import select
 import signal
 import socket
@@ -40,18 +37,22 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import Milter
 import milter
 
-from mtls_milter.config import Config, ConfigError, DnsConfig, load_config
-from mtls_milter.core.certs import CertificateInputError
+from mtls_milter.config import Config, MilterTransport
 from mtls_milter.engine import Engine
 from mtls_milter.errors import StartupError
+from mtls_milter.inbound import asyncio_daemon
 from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.daemon_common import (
+    EngineReloader,
+    build_engine,
+    drop_privileges,
+)
 from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
 from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
 from mtls_milter.runtime.logsetup import configure_logging
@@ -66,7 +67,6 @@ PREFETCH_THREADS = 32
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MAIN_THREAD_SIGNALS = (signal.SIGHUP, *STOP_SIGNALS)  # the ones libmilter's thread waits for
 DAEMON_SIGNALS = (*MAIN_THREAD_SIGNALS, signal.SIGUSR1)
-RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 def add_parser(commands: Any) -> None:
@@ -86,30 +86,22 @@ def run(args: argparse.Namespace) -> int:
     """Start the daemon and block until SIGTERM/SIGINT."""
     configure_logging(args.log_level)
     try:
-        daemon = Daemon.start(args.config)
+        engine = build_engine(args.config)
+        if engine.config.milter.transport is MilterTransport.ASYNCIO:
+            return asyncio_daemon.serve(args.config, engine)
+        daemon = Daemon.start(args.config, engine)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1
     return daemon.wait()
 
 
-def build_engine(config_path: str | None) -> Engine:
-    """Load the configuration and build an engine; StartupError with a clear message."""
-    try:
-        return Engine.from_config(load_config(config_path))
-    except ConfigError as exc:
-        raise StartupError(str(exc)) from None
-    except CertificateInputError as exc:
-        raise StartupError(f"trust anchors: {exc}") from None
-
-
 class Daemon:
     """The running milter: its engine holder, its worker threads and its signal handling."""
 
     def __init__(self, config_path: str | None, engine: Engine) -> None:
-        self._config_path = config_path
         self._holder = EngineHolder(engine)
-        self._dns_inputs = _resolver_inputs(engine.config.dns)
+        self._reloader = EngineReloader(config_path, self._holder)
         self._executor = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
         self._thread: threading.Thread | None = None
         self._sessions = SessionTable()
@@ -128,9 +120,9 @@ class Daemon:
             end.setblocking(False)
 
     @classmethod
-    def start(cls, config_path: str | None) -> Daemon:
+    def start(cls, config_path: str | None, engine: Engine | None = None) -> Daemon:
         """Open the socket, drop privileges, start serving."""
-        engine = build_engine(config_path)
+        engine = engine or build_engine(config_path)
         daemon = cls(config_path, engine)
         daemon._install_signals()
         daemon._start_policy_service(engine.config)
@@ -178,7 +170,7 @@ class Daemon:
             os.chmod(spec.split(":", 1)[1], int(config.milter.socket_mode, 8))
         else:
             _set_nodelay_on_listeners()
-        _drop_privileges(config, spec)
+        drop_privileges(config, spec)
 
     def _serve(self) -> None:
         """libmilter's main loop (its own thread); returns when libmilter stops."""
@@ -232,40 +224,8 @@ class Daemon:
     # -- life cycle ----------------------------------------------------------------------------
 
     def reload(self, trigger: str = "") -> None:
-        """Build a new engine from the configuration file; keep the old one if that fails.
-
-        The DNS resolver, and with it the cache of DNS answers, is kept when ``[dns]`` and the
-        system's resolver configuration are unchanged: a reload during a DNS outage must not
-        turn every cached sender into ``temperror``.
-        """
-        notify("RELOADING=1")
-        try:
-            engine = build_engine(self._config_path)
-        except StartupError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            notify("READY=1")
-            return
-        old = self._holder.engine
-        if engine.config.milter.socket != old.config.milter.socket:
-            log.warning("reload: [milter] socket changed; takes effect only after a restart")
-        if engine.config.policy_service != old.config.policy_service:
-            log.warning("reload: [policy_service] changed; takes effect only after a restart")
-        dns_inputs = _resolver_inputs(engine.config.dns)
-        if dns_inputs == self._dns_inputs:
-            engine = dataclasses.replace(engine, resolver=old.resolver)
-            dns = "kept (cached answers stay)"
-        else:
-            self._dns_inputs = dns_inputs
-            dns = "new resolver (empty cache)"
-        self._holder.engine = engine
-        notify("READY=1")
-        log.info(
-            "reloaded: config=%s trust=%s dns=%s%s",
-            engine.config.source,
-            "; ".join(engine.trust_sources),
-            dns,
-            f" signal={trigger}" if trigger else "",
-        )
+        """Build a new engine from the configuration file; keep the old one if that fails."""
+        self._reloader.reload(trigger)
 
     def wait(self) -> int:
         """Run the main thread's loop until stopped; return the exit status."""
@@ -361,18 +321,6 @@ def _no_defer(signals: tuple[int, ...]) -> None:
         log.warning("cannot set SA_NODEFER on the signal handlers (%s); continuing", exc)
 
 
-def _resolver_inputs(dns: DnsConfig) -> tuple[object, ...]:
-    """What the resolver is built from: ``[dns]`` and, without configured name servers, the
-    system's resolver configuration (read again at every reload)."""
-    if dns.nameservers:
-        return (dns,)
-    try:
-        system = RESOLV_CONF.read_bytes()
-    except OSError as exc:
-        system = f"unreadable: {exc.strerror}".encode()
-    return (dns, system)
-
-
 def _register_callbacks() -> None:
     """Register pymilter's callbacks without entering its main loop (as runmilter would)."""
     milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
@@ -412,23 +360,3 @@ def _set_nodelay_on_listeners() -> None:
                 continue
             if listening and probe.family in (socket.AF_INET, socket.AF_INET6):
                 probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _drop_privileges(config: Config, spec: str) -> None:
-    """When root and a user is configured, switch to it (after the socket is open)."""
-    user, group = config.milter.user, config.milter.group
-    if os.geteuid() != 0 or not user:
-        return
-    try:
-        entry = pwd.getpwnam(user)
-        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
-    except KeyError as exc:
-        raise StartupError(f"[milter] user/group: {exc.args[0]}") from None
-    policy = config.policy_service.socket
-    for path in (spec, policy):
-        if path.startswith(("unix:", "local:")):
-            os.chown(Path(path.split(":", 1)[1]), entry.pw_uid, gid)
-    os.setgroups([gid])
-    os.setgid(gid)
-    os.setuid(entry.pw_uid)
-    log.info("dropped privileges to %s:%s", user, group or gid)

@@ -1,0 +1,140 @@
+"""``mtls-milter serve`` on the asyncio transport (``[milter] transport = "asyncio"``).
+
+One event loop serves every MTA connection (:class:`~.asyncio_driver.MilterServer`); the
+decisions are :class:`~.session.MilterSession`'s, end of message runs in a worker pool. Signals
+are handled on the loop: SIGUSR1 and SIGHUP reload, one reload at a time (signals during a
+reload coalesce into one more, run in a worker thread so the loop keeps serving); SIGTERM and
+SIGINT stop accepting connections and give the messages in flight up to ``STOP_GRACE`` seconds
+to finish. No libmilter, so no signal thread that takes SIGHUP for "stop".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from mtls_milter.config import Config
+from mtls_milter.engine import Engine
+from mtls_milter.errors import StartupError
+from mtls_milter.inbound.asyncio_driver import MilterServer, run
+from mtls_milter.inbound.asyncio_handler import OPTIONS, handler_factory
+from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.daemon_common import EngineReloader, drop_privileges
+from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
+from mtls_milter.inbound.session import EngineHolder, MilterSession
+from mtls_milter.runtime.sdnotify import notify
+
+log = logging.getLogger("mtls_milter")
+
+PREFETCH_THREADS = 32  # DNS lookups started at MAIL FROM
+EOM_THREADS = 64  # end-of-message decisions waiting for DNS or a chain fetch
+STOP_GRACE = 10.0  # seconds messages in flight get after SIGTERM
+RELOAD_SIGNALS = (signal.SIGUSR1, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def serve(config_path: str | None, engine: Engine) -> int:
+    """Serve until SIGTERM/SIGINT; the exit status (StartupError when it cannot start)."""
+    return run(AsyncioDaemon(config_path, engine).main())
+
+
+class AsyncioDaemon:
+    """The running milter on the asyncio transport."""
+
+    def __init__(self, config_path: str | None, engine: Engine) -> None:
+        self._holder = EngineHolder(engine)
+        self._reloader = EngineReloader(config_path, self._holder)
+        self._prefetch = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
+        self._eom = ThreadPoolExecutor(EOM_THREADS, thread_name_prefix="eom")
+        self._sessions = SessionTable()
+        self._fetcher = ChainFetcher()
+        self._policy: PolicyServiceThread | None = None
+        self._reload_wanted: list[str] = []  # signal names since the last reload started
+        self._wakeup = asyncio.Event()
+        self._stop_signal = 0
+
+    async def main(self) -> int:
+        config = self._holder.engine.config
+        self._start_policy_service(config)
+        server = self._server(config)
+        try:
+            await server.start()
+        except (OSError, ValueError) as exc:
+            self._shutdown_pools()
+            raise StartupError(f"cannot listen on {config.milter.socket}: {exc}") from None
+        drop_privileges(config, config.milter.socket)
+        loop = asyncio.get_running_loop()
+        for signum in RELOAD_SIGNALS:
+            loop.add_signal_handler(signum, self._on_reload, signum)
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, self._on_stop, signum)
+        notify("READY=1")
+        log.info(
+            "started: socket=%s policy_service=%s config=%s trust=%s transport=asyncio",
+            config.milter.socket,
+            config.policy_service.socket or "off",
+            config.source,
+            "; ".join(self._holder.engine.trust_sources),
+        )
+        await self._signal_loop()
+        log.info("stopping on %s", signal.Signals(self._stop_signal).name)
+        notify("STOPPING=1")
+        await server.aclose(grace=STOP_GRACE)
+        self._shutdown_pools()
+        log.info("stopped")
+        return 0
+
+    def _server(self, config: Config) -> MilterServer:
+        holder, prefetch, fetcher = self._holder, self._prefetch, self._fetcher
+        sessions = self._sessions if config.policy_service.socket else None
+
+        def make_session() -> MilterSession:
+            return MilterSession(holder, prefetch, sessions=sessions, fetcher=fetcher)
+
+        factory = handler_factory(make_session, self._eom)
+        mode = int(config.milter.socket_mode, 8)
+        return MilterServer(config.milter.socket, factory, OPTIONS, socket_mode=mode)
+
+    def _start_policy_service(self, config: Config) -> None:
+        spec = config.policy_service.socket
+        if not spec:
+            return
+        service = PolicyService(spec, self._sessions, config.policy_service.socket_mode)
+        thread = PolicyServiceThread(service)
+        try:
+            thread.start()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot listen on [policy_service] socket {spec}: {exc}") from None
+        self._policy = thread
+
+    def _on_reload(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if name not in self._reload_wanted:
+            self._reload_wanted.append(name)
+        self._wakeup.set()
+
+    def _on_stop(self, signum: int) -> None:
+        self._stop_signal = signum
+        self._wakeup.set()
+
+    async def _signal_loop(self) -> None:
+        """Act on signals until a stop: reloads one at a time, each off the loop."""
+        loop = asyncio.get_running_loop()
+        while not self._stop_signal:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._stop_signal:
+                return
+            if self._reload_wanted:
+                trigger = "+".join(self._reload_wanted)
+                self._reload_wanted = []
+                await loop.run_in_executor(self._eom, self._reloader.reload, trigger)
+
+    def _shutdown_pools(self) -> None:
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
+        self._eom.shutdown(wait=False, cancel_futures=True)
+        self._fetcher.shutdown()
+        if self._policy is not None:
+            self._policy.stop()
