@@ -9,7 +9,7 @@ from typing import NoReturn
 
 from mtls_milter import __version__
 from mtls_milter.acme import cli as acme_cli
-from mtls_milter.cli import check
+from mtls_milter.cli import check, config_test
 from mtls_milter.errors import InputError
 from mtls_milter.inbound import daemon as serve
 from mtls_milter.outbound import policy_map, probe
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     check.add_parser(commands)
+    config_test.add_parser(commands)
     serve.add_parser(commands)
     policy_map.add_parser(commands)
     probe.add_parser(commands)
