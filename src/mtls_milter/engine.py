@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from mtls_milter.config import Config
 from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.clock import Clock, SystemClock
+from mtls_milter.core.dmarc import DmarcResult, decide, dmarc_method
+from mtls_milter.core.dmarc_message import DmarcOutcome, MessageFacts, dmarc_for_message
 from mtls_milter.core.evaluate import Result, Transaction, Verdict, evaluate
 from mtls_milter.core.evidence import Evidence
 from mtls_milter.core.lookups import HostLookup, MxResolver
 from mtls_milter.core.names import SenderKind, parse_mail_from
+from mtls_milter.core.spf_input import SpfResolver
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.net.trust import load_trust_anchors
 
@@ -69,6 +73,36 @@ class Engine:
             verdict = internal_error(exc, transaction)
             log.error("internal error evaluating a transaction: %s", verdict.reason, exc_info=True)
             return verdict
+
+    def dmarc(
+        self,
+        facts: MessageFacts,
+        verdict: Verdict,
+        *,
+        budget_seconds: float | None = None,
+        internal: bool = False,
+    ) -> DmarcOutcome:
+        """DMARC for one message after its mtls ``verdict`` (docs/dmarc.md). Never raises: an
+        unexpected exception gives ``dmarc=temperror`` (no action) and one log line."""
+        budget = self.config.dns.budget if budget_seconds is None else budget_seconds
+        try:
+            if not hasattr(self.resolver, "txt"):
+                raise TypeError("the resolver has no TXT lookups")
+            resolver = cast(SpfResolver, self.resolver)
+            return dmarc_for_message(
+                facts,
+                verdict,
+                self.config,
+                resolver,
+                self.clock,
+                budget_seconds=budget,
+                internal=internal,
+            )
+        except Exception as exc:
+            log.error("internal error evaluating DMARC: %s", type(exc).__name__, exc_info=True)
+            result = DmarcResult("temperror", reason=f"internal error: {type(exc).__name__}")
+            decision = decide(result, enforce=False, dry_run=True)
+            return DmarcOutcome(result, decision, (dmarc_method(result),))
 
 
 def internal_error(exc: BaseException, transaction: Transaction) -> Verdict:

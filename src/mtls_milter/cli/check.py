@@ -8,12 +8,15 @@ import socket
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime
+from email.parser import BytesParser
+from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
 from mtls_milter.config import Config, ConfigError, load_config
 from mtls_milter.core.certs import CertificateInputError, parse_certificates
 from mtls_milter.core.clock import Clock, FixedClock, SystemClock
+from mtls_milter.core.dmarc_message import DmarcOutcome, MessageFacts
 from mtls_milter.core.evaluate import Transaction, Verdict
 from mtls_milter.core.evidence import Evidence, chain_evidence, mta_evidence
 from mtls_milter.core.header import render_field
@@ -51,6 +54,15 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--at", metavar="ISO-8601", help="validation time (default: now)")
     parser.add_argument("--authserv-id", metavar="ID", help="authserv-id for the header")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--message",
+        metavar="FILE.eml",
+        help="also evaluate DMARC for this raw message (DKIM verified from it; docs/dmarc.md)",
+    )
+    parser.add_argument(
+        "--from", dest="author", metavar="ADDR", help="author address instead of the From field"
+    )
+    parser.add_argument("--client-ip", metavar="IP", help="SMTP client address, for SPF")
     parser.set_defaults(handler=run)
 
 
@@ -64,12 +76,39 @@ def run(args: argparse.Namespace) -> int:
     transaction = Transaction(mail_from=args.mail_from, helo=args.helo)
     verdict = engine.evaluate(transaction, _evidence(args))
     authserv_id = args.authserv_id or config.milter.authserv_id or socket.gethostname()
-    header = render_field(verdict.header_field(authserv_id))
+    field = verdict.header_field(authserv_id)
+    outcome = None
+    if args.message is not None:
+        outcome = engine.dmarc(_message_facts(args), verdict)
+        field = replace(field, more=outcome.methods)
+    header = render_field(field)
     if args.json:
-        print(json.dumps({**verdict.as_dict(), "header": header}, indent=2))
+        extra = {"dmarc": outcome.as_dict()} if outcome else {}
+        print(json.dumps({**verdict.as_dict(), "header": header, **extra}, indent=2))
     else:
-        sys.stdout.write(explain(verdict, header))
+        sys.stdout.write(explain(verdict, header, outcome))
     return 0
+
+
+def _message_facts(args: argparse.Namespace) -> MessageFacts:
+    """The DMARC inputs of ``--message`` (and ``--from``, ``--client-ip``)."""
+    try:
+        raw = Path(args.message).read_bytes()
+    except OSError as exc:
+        raise InputError(f"--message {args.message}: {exc.strerror or exc}") from None
+    # compat32 keeps every field's value as received (bytes that are not UTF-8 as surrogates).
+    headers = BytesParser(policy=compat32).parsebytes(raw, headersonly=True)
+    from_fields: list[str | bytes] = [str(v) for v in headers.get_all("From", [])]
+    if args.author is not None:
+        from_fields = [args.author]
+    return MessageFacts(
+        from_fields=from_fields,
+        results_fields=[str(v) for v in headers.get_all("Authentication-Results", [])],
+        raw_message=raw,
+        client_ip=args.client_ip or "",
+        mail_from=args.mail_from,
+        helo=args.helo,
+    )
 
 
 def _effective_config(config: Config, args: argparse.Namespace) -> Config:
@@ -87,7 +126,7 @@ def _effective_config(config: Config, args: argparse.Namespace) -> Config:
     )
 
 
-def explain(verdict: Verdict, header: str) -> str:
+def explain(verdict: Verdict, header: str, outcome: DmarcOutcome | None = None) -> str:
     """A readable account of a verdict for an operator."""
     lines = [
         f"result:    {verdict.result}",
@@ -99,6 +138,12 @@ def explain(verdict: Verdict, header: str) -> str:
     ]
     if verdict.matched:
         lines.append(f"matched:   {verdict.matched} in {verdict.source}")
+    if outcome is not None:
+        dmarc = outcome.result
+        aligned = ",".join(dmarc.aligned) or "nothing"
+        lines.append(f"dmarc:     {dmarc.result} for {dmarc.domain or '(no domain)'}")
+        lines.append(f"           policy {dmarc.policy or '(none)'}, aligned {aligned}")
+        lines.append(f"           {dmarc.reason}; action {outcome.decision.action}")
     lines.append(f"header:    {header}")
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from mtls_milter.core.author import AuthorStatus, author_domains
 from mtls_milter.core.clock import Clock
@@ -58,7 +59,7 @@ class DmarcResult:
     record_domain: str = ""  # where the policy record was found
     warnings: tuple[str, ...] = field(default=())
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         """The ``check --json`` ``dmarc`` object (without spf/dkim details)."""
         return {
             "result": self.result,
