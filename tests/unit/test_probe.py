@@ -39,6 +39,7 @@ HOST_KEYS = {
 TOP_KEYS = {
     "schema",
     "domain",
+    "checked",
     "opted_in",
     "client_mx",
     "mx",
@@ -296,3 +297,60 @@ def test_usage_errors_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("mtls-milter: error: ") and message in err
     assert err.count("\n") == 1
+
+
+def test_sender_checks_the_client_mx_hosts(
+    dns_server: TestDnsServer, pki: TestPki, free_port: int
+) -> None:
+    """--sender D: each Client MX host must serve a valid certificate naming it."""
+    dns_server.add("sending.test", 265, "10 out.sender.test.", "20 bad.sending.test.")
+    dns_server.add("sending.test", "MX", "10 mx.elsewhere.test.")
+    dns_server.add("out.sender.test", "A", "127.0.0.7")
+    dns_server.add("bad.sending.test", "A", "127.0.0.8")
+    good, wrong = pki.leaves["server"], pki.leaves["mx-server"]
+    command = [sys.executable, "-m", "mtls_milter", "probe", "--sender", "sending.test"]
+    trust = ["--no-system-trust", "--trust", str(pki.root_path)]
+    with (
+        StartTlsServer("127.0.0.7", free_port, chain=good.chain_path, key=good.key_path),
+        StartTlsServer("127.0.0.8", free_port, chain=wrong.chain_path, key=wrong.key_path),
+    ):
+        proc = subprocess.run(
+            [*command, "--port", str(free_port), "--dns", dns_server.nameserver, *trust],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1] == "opted in:   yes (Client MX: out.sender.test, bad.sending.test)"
+    rows = {line.split()[0]: line for line in lines if line.startswith(("out.", "bad."))}
+    assert rows["out.sender.test"].endswith("valid  match     verified")
+    assert (
+        rows["bad.sending.test"]
+        .split("  ")[-1]
+        .startswith(
+            "FAILED: name mismatch: certificate names mx.receiver.test, not bad.sending.test"
+        )
+    )
+    assert lines[-1] == "verdict:    failed (exit 1)"
+
+
+def test_sender_without_client_mx(
+    dns_server: TestDnsServer, pki: TestPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dns_server.add("quiet.test", "A", "192.0.2.1")
+    argv = ["probe", "--sender", "quiet.test", "--json", "--dns", dns_server.nameserver]
+    status = main([*argv, "--no-system-trust", "--trust", str(pki.root_path)])
+    data = json.loads(capsys.readouterr().out)
+    assert (status, data["verdict"], data["checked"], data["hosts"]) == (
+        1,
+        "no-client-mx",
+        "client-mx",
+        [],
+    )
+
+
+@pytest.mark.parametrize("argv", [["probe"], ["probe", "a.test", "--sender", "b.test"]])
+def test_domain_or_sender(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "mtls-milter: error: give either DOMAIN or --sender D\n"

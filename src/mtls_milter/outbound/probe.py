@@ -32,6 +32,7 @@ from mtls_milter.core.chain import ChainValidator
 from mtls_milter.core.lookups import HostLookup, LookupStatus
 from mtls_milter.core.names import normalize_domain
 from mtls_milter.core.outbound import tls_policy
+from mtls_milter.core.quote import quote
 from mtls_milter.endpoints import check_dns_option
 from mtls_milter.errors import InputError
 from mtls_milter.net.dns import DnsResolver
@@ -68,12 +69,17 @@ def add_parser(commands: Any) -> None:
     parser = add_command(
         commands,
         "probe",
-        summary="check the MX hosts of a domain: STARTTLS, chain, names, Client MX",
+        summary="check the MX hosts of a domain (or the Client MX hosts of a sender)",
         description="Connect to every MX host (every A/AAAA address) of DOMAIN with STARTTLS "
         "and SNI, validate the served chain and the MX name, and report whether DOMAIN "
-        "publishes Client MX. Exit 0 all verified, 1 some failed, 2 usage, 3 DNS failure.",
+        "publishes Client MX. With --sender D, check the hosts D's Client MX names instead: "
+        "each must serve a valid certificate naming it (what a receiver fetches for chain "
+        "evidence). Exit 0 all verified, 1 some failed, 2 usage, 3 DNS failure.",
     )
-    parser.add_argument("domain", metavar="DOMAIN", help="recipient domain to check")
+    parser.add_argument("domain", metavar="DOMAIN", nargs="?", help="recipient domain to check")
+    parser.add_argument(
+        "--sender", metavar="D", help="check sending domain D's Client MX hosts instead"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--port", type=int, default=25, help="SMTP port (default 25)")
     add_dns_option(parser)
@@ -138,6 +144,7 @@ class ProbeReport:
     policy: str
     hosts: list[HostReport]
     dns_errors: list[str]
+    sender: bool = False  # the hosts checked are the Client MX hosts, not the MX hosts
 
     @property
     def opted_in(self) -> bool | None:
@@ -161,7 +168,7 @@ class ProbeReport:
         if self.dns_errors:
             return "dns-error"
         if not self.hosts:
-            return "no-mx"
+            return "no-client-mx" if self.sender else "no-mx"
         return "verified" if self.exit_status == EXIT_OK else "failed"
 
     def as_dict(self) -> dict[str, Any]:
@@ -169,6 +176,7 @@ class ProbeReport:
         return {
             "schema": SCHEMA_VERSION,
             "domain": self.domain,
+            "checked": "client-mx" if self.sender else "mx",
             "opted_in": self.opted_in,
             "client_mx": _lookup_dict(self.client_mx),
             "mx": _lookup_dict(self.mx),
@@ -194,10 +202,12 @@ def _lookup_dict(lookup: HostLookup) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Probe and print; raises InputError for unusable input."""
+    if (args.domain is None) == (args.sender is None):
+        raise InputError("give either DOMAIN or --sender D")
     try:
-        domain = normalize_domain(args.domain)
+        domain = normalize_domain(args.sender or args.domain)
     except ValueError as exc:
-        raise InputError(f"DOMAIN {args.domain!r}: {exc}") from None
+        raise InputError(f"DOMAIN {quote(args.sender or args.domain)}: {exc}") from None
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: expected 1-65535")
     if not 0 < args.timeout <= 600:
@@ -226,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         timeout=args.timeout,
         budget=dns_config.budget,
+        sender=args.sender is not None,
     )
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -250,8 +261,10 @@ def probe_domain(
     timeout: float = 10.0,
     budget: float = DEFAULT_DNS_BUDGET,
     now: datetime | None = None,
+    sender: bool = False,
 ) -> ProbeReport:
-    """Resolve ``domain`` and probe every address of every MX host concurrently."""
+    """Resolve ``domain`` and probe every address of every MX host (with ``sender``: of every
+    Client MX host) concurrently."""
     at = now or datetime.now(UTC)
     client_mx = resolver.client_mx(domain, budget)
     mx = resolver.server_mx(domain, budget)
@@ -262,7 +275,8 @@ def probe_domain(
     if mx.status is LookupStatus.TEMPFAIL:
         dns_errors.append(f"MX: {mx.detail}")
     targets: list[HostReport] = []
-    for host in mx.hosts if mx.status is LookupStatus.OK else ():
+    checked = client_mx if sender else mx
+    for host in checked.hosts if checked.status is LookupStatus.OK else ():
         addresses = resolver.addresses(host, budget)
         if addresses.status is LookupStatus.TEMPFAIL:
             dns_errors.append(f"{host}: {addresses.detail}")
@@ -274,7 +288,7 @@ def probe_domain(
     if to_probe:
         with ThreadPoolExecutor(min(32, len(to_probe)), thread_name_prefix="probe") as pool:
             list(pool.map(lambda t: _probe_address(t, validator, timeout, at), to_probe))
-    return ProbeReport(domain, client_mx, mx, policy, targets, dns_errors)
+    return ProbeReport(domain, client_mx, mx, policy, targets, dns_errors, sender)
 
 
 # -- one address --------------------------------------------------------------------------------
@@ -361,7 +375,7 @@ def render_table(report: ProbeReport) -> str:
             lines.append("  ".join([*cells, row[-1]]).rstrip())
         lines.append("")
     else:
-        lines.append("no MX host to check")
+        lines.append(f"no {'Client MX' if report.sender else 'MX'} host to check")
     for error in report.dns_errors:
         lines.append(f"DNS error: {error}")
     lines.append(f"verdict:    {report.verdict} (exit {report.exit_status})")
