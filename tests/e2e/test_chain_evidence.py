@@ -113,21 +113,28 @@ def dns_zone() -> Iterator[TestDnsServer]:
         yield server
 
 
-@pytest.fixture(scope="module", params=("postfix", "sendmail"))
+TRANSPORTS = ("pymilter", "asyncio")  # [milter] transport
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(m, t) for t in TRANSPORTS for m in ("postfix", "sendmail")],
+    ids=[f"{m}-{t}" for t in TRANSPORTS for m in ("postfix", "sendmail")],
+)
 def rig(
     request: pytest.FixtureRequest,
     pki: TestPki,
     dns_zone: TestDnsServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Rig]:
-    kind: str = request.param
+    kind, transport = request.param
     reason = missing_mta(kind)
     if reason:
         pytest.skip(f"cannot run {kind}: {reason}")
-    work = tmp_path_factory.mktemp(f"chain-{kind}")
+    work = tmp_path_factory.mktemp(f"chain-{kind}-{transport}")
     policy_port, chain_port = free_port(), free_port()
     config: dict[str, dict[str, Any]] = {
-        "milter": {"authserv_id": AUTHSERV_ID},
+        "milter": {"authserv_id": AUTHSERV_ID, "transport": transport},
         "dns": {"nameservers": [dns_zone.nameserver], "timeout": 1.0, "budget": 3.0},
         "tls": {"trust": [str(pki.root_path)]},
         "policy_service": {"socket": f"inet:{policy_port}@127.0.0.1"},

@@ -45,6 +45,7 @@ from support.pki import TestPki
 pytestmark = pytest.mark.e2e
 
 MTAS = ("postfix", "sendmail")
+TRANSPORTS = ("pymilter", "asyncio")  # [milter] transport: every case runs on both
 AUTHSERV_ID = "mx.receiver.test"
 RCPT = "someone@receiver.test"
 SENDER = "someone@sender.test"  # sender.test publishes Client MX "10 out.sender.test."
@@ -159,7 +160,8 @@ def _parse_delivered(raw: bytes) -> Delivered:
 
 @dataclass
 class Rig:
-    kind: str
+    kind: str  # the MTA
+    transport: str
     mta: Harness
     daemon: MilterDaemon
     dns: TestDnsServer
@@ -239,20 +241,24 @@ def dns_zone() -> Iterator[TestDnsServer]:
         yield server
 
 
-@pytest.fixture(scope="module", params=MTAS)
+@pytest.fixture(
+    scope="module",
+    params=[(m, t) for t in TRANSPORTS for m in MTAS],
+    ids=[f"{m}-{t}" for t in TRANSPORTS for m in MTAS],
+)
 def rig(
     request: pytest.FixtureRequest,
     pki: TestPki,
     dns_zone: TestDnsServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Rig]:
-    kind: str = request.param
+    kind, transport = request.param
     reason = missing_mta(kind)
     if reason:
         pytest.skip(f"cannot run {kind}: {reason}")
-    work = tmp_path_factory.mktemp(f"e2e-{kind}")
+    work = tmp_path_factory.mktemp(f"e2e-{kind}-{transport}")
     base: dict[str, dict[str, Any]] = {
-        "milter": {"authserv_id": AUTHSERV_ID},
+        "milter": {"authserv_id": AUTHSERV_ID, "transport": transport},
         "dns": {"nameservers": [dns_zone.nameserver], "timeout": 1.0, "budget": 3.0},
         "tls": {"trust": [str(pki.root_path)]},
     }
@@ -260,7 +266,7 @@ def rig(
         MilterDaemon(work / "milter", base) as daemon,
         _harness(kind, work / "mta", daemon, pki) as mta,
     ):
-        yield Rig(kind, mta, daemon, dns_zone, pki, base)
+        yield Rig(kind, transport, mta, daemon, dns_zone, pki, base)
 
 
 # --------------------------------------------------------------------------------------------

@@ -120,6 +120,11 @@ class MilterDaemon(Running):
     def _set_config(self, config: ConfigMapping) -> None:
         merged = {section: dict(keys) for section, keys in config.items()}
         merged.setdefault("milter", {})["socket"] = self.socket
+        # MTLS_MILTER_TEST_TRANSPORT=asyncio runs every daemon that does not choose a transport
+        # on that one (how the whole end-to-end suite is checked on each transport).
+        default_transport = os.environ.get("MTLS_MILTER_TEST_TRANSPORT")
+        if default_transport:
+            merged["milter"].setdefault("transport", default_transport)
         self.config = merged
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.config_path.with_suffix(".tmp")

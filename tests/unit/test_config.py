@@ -12,6 +12,7 @@ from mtls_milter.config import (
     ConfigError,
     EkuPolicy,
     FailAction,
+    MilterTransport,
     TemperrorAction,
     known_keys,
     load_config,
@@ -114,6 +115,7 @@ internal_networks = ["10.0.0.0/8", "2001:db8::/32"]
         ("[dns]\nnameservers = '127.0.0.1'\n", "expected a list"),
         ("[dns]\ntimeout = 9\nbudget = 5\n", "[dns] timeout (9 s) exceeds [dns] budget"),
         ("[tls]\neku = 'server'\n", "[tls] eku = 'server': expected one of \"server-or-client\""),
+        ("[milter]\ntransport = 'libmilter'\n", "[milter] transport = 'libmilter': expected one"),
         ("[tls]\ntrust = []\n", "[tls] trust is empty"),
         ("[tls]\nallow_wildcards = 'yes'\n", "expected true or false"),
         ("[tls]\nmin_rsa_bits = 1024\n", "[tls] min_rsa_bits = 1024: expected an integer"),
@@ -148,6 +150,12 @@ def test_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"[milter]\nauthserv_id = '\xff'\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path)
+
+
+def test_milter_transport_defaults_to_pymilter_and_takes_asyncio(tmp_path: Path) -> None:
+    assert load_config(None).milter.transport is MilterTransport.PYMILTER
+    config = load_config(write(tmp_path, '[milter]\ntransport = "asyncio"\n'))
+    assert config.milter.transport is MilterTransport.ASYNCIO
 
 
 def test_config_is_immutable() -> None:
