@@ -10,6 +10,7 @@ docs/design.md ("DMARC").
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,6 +23,7 @@ MAX_RECORD_LEN = 4096
 """Longer records are parsed up to this many characters (a warning says so); no real record
 comes near it, and the bound keeps a 64 kB TXT answer from costing more than a short one."""
 MAX_WARNINGS = 8
+CACHED_RECORD_LEN = 512  # shorter records' parses are kept (1024 of them: at most 512 kB)
 
 _VERSION = re.compile(rb"\s*v\s*=\s*DMARC1\s*(?:;|$)")
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -57,6 +59,17 @@ def is_dmarc_record(raw: bytes) -> bool:
 
 def parse_record(raw: bytes) -> DmarcRecord | None:
     """The record's tags, or None when ``raw`` is not a DMARC record. Never raises."""
+    if len(raw) <= CACHED_RECORD_LEN:
+        return _parse_cached(raw)  # the same few records come with every message
+    return _parse(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(raw: bytes) -> DmarcRecord | None:
+    return _parse(raw)
+
+
+def _parse(raw: bytes) -> DmarcRecord | None:
     if not is_dmarc_record(raw):
         return None
     warnings: list[str] = []
