@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import authres
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtls_milter.core.author import MAX_DOMAINS, AuthorStatus, author_domains
+from mtls_milter.core.dmarc import DmarcResult, Identifier, dmarc_method, identifier_method
 from mtls_milter.core.dmarc_record import Policy, parse_record
+from mtls_milter.core.header import MtlsField, render_value
 
 POLICIES = [p.value for p in Policy]
 TAGS = st.sampled_from(["p", "sp", "np", "psd", "t", "adkim", "aspf", "rua", "pct", "zz", "P"])
@@ -73,3 +76,34 @@ def test_well_formed_addresses_give_their_domains(
     expected = list(dict.fromkeys(".".join(labels) for _, labels in addresses))
     assert author.status is AuthorStatus.OK
     assert list(author.domains) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["pass", "fail", "none", "temperror", "permerror"]),
+    st.text(max_size=80),
+    st.text(max_size=80),
+    st.lists(st.sampled_from(["mtls", "spf", "dkim"]), unique=True),
+    st.text(max_size=40),
+    st.text(max_size=40),
+)
+def test_our_field_with_dmarc_results_always_parses(
+    result: str, reason: str, domain: str, aligned: list[str], dkim_d: str, dkim_s: str
+) -> None:
+    dmarc = DmarcResult(result, reason, domain, "reject", tuple(aligned))
+    field = MtlsField(
+        "mx.example.net",
+        "fail",
+        reason=reason,
+        value=domain,
+        more=(
+            identifier_method(Identifier("spf", "softfail", domain)),
+            identifier_method(Identifier("dkim", "fail", dkim_d, dkim_s)),
+            dmarc_method(dmarc),
+        ),
+    )
+    value = render_value(field)
+    assert value.isascii() and "\n" not in value
+    parsed = authres.AuthenticationResultsHeader.parse_value(value)
+    assert [str(r.method) for r in parsed.results] == ["mtls", "spf", "dkim", "dmarc"]
+    assert str(parsed.results[-1].result) == result
