@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 APT_PACKAGES := gcc python3-dev python3-venv libmilter-dev libmilter1.0.1 dnsmasq-base pebble
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup system-packages test-packages lint bench clean
+.PHONY: run test setup system-packages test-packages lint bench clean deb
 
 run: setup
 	$(BIN)/mtls-milter serve $(ARGS)
@@ -29,6 +29,11 @@ lint: setup
 
 bench: setup test-packages
 	$(BIN)/python bench/run_all.py
+
+# The Debian package (packaging/build-deb.sh: a venv in /opt/mtls-milter, units, man pages,
+# sysusers/tmpfiles, example config) into dist/. Installs nothing on this machine.
+deb: system-packages
+	sh packaging/build-deb.sh dist
 
 setup: system-packages $(STAMP)
 
