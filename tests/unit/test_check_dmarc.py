@@ -187,3 +187,20 @@ def test_bad_dkim_signatures_have_defined_results(run: Any, signature: bytes, re
     report = run(signature + b"From: a@sender.test\r\n" + BODY, mta_cn="out.other.test")
     assert report["dmarc"]["dkim"][0]["result"] == result
     assert report["dmarc"]["result"] == "fail"
+
+
+def test_readable_output_explains_dmarc(
+    capsys: pytest.CaptureFixture[str], pki: TestPki, dmarc_dns: TestDnsServer, tmp_path: Path
+) -> None:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: a@sender.test\r\n" + BODY)
+    argv = [
+        "check", "--mail-from", "a@sender.test", "--mta-cn", "out.other.test",
+        "--message", str(eml), "--trust", str(pki.root_path), "--no-system-trust",
+        "--dns", dmarc_dns.nameserver, "--authserv-id", "mx.receiver.test",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dmarc:     fail for sender.test\n" in out
+    assert "           policy reject, aligned nothing\n" in out
+    assert "           no aligned authenticated identifier; action none\n" in out
