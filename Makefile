@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 APT_PACKAGES := gcc python3-dev python3-venv libmilter-dev libmilter1.0.1 dnsmasq-base pebble
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup system-packages test-packages lint bench clean deb
+.PHONY: run test setup system-packages test-packages lint bench clean deb demo
 
 run: setup
 	$(BIN)/mtls-milter serve $(ARGS)
@@ -34,6 +34,10 @@ bench: setup test-packages
 # sysusers/tmpfiles, example config) into dist/. Installs nothing on this machine.
 deb: system-packages
 	sh packaging/build-deb.sh dist
+
+# The README's check examples against a demo CA (demo/) and a demo DNS server (dnsmasq).
+demo: setup
+	$(BIN)/python tests/demo.py
 
 setup: system-packages $(STAMP)
 
