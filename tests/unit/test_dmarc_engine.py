@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from typing import Any
 
+import dkim
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mtls_milter.config import config_from_mapping
 from mtls_milter.core.clock import FixedClock
-from mtls_milter.core.dmarc_message import MessageFacts, our_methods
+from mtls_milter.core.dkim_input import verify_dkim
+from mtls_milter.core.dmarc_message import MessageCollector, MessageFacts, our_methods
+from mtls_milter.core.dmarc_walk import Budget
 from mtls_milter.core.evaluate import Result, Verdict
 from mtls_milter.core.lookups import LookupStatus, TxtLookup
 from mtls_milter.engine import Engine
@@ -75,3 +81,43 @@ def test_an_internal_error_is_temperror_without_action() -> None:
 )
 def test_our_methods(dmarc: dict[str, Any], methods: set[str]) -> None:
     assert our_methods(config_from_mapping({"dmarc": dmarc})) == methods
+
+
+def test_collector_rebuilds_a_message_that_dkim_verifies() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    message = b"From: A <a@example.com>\r\nSubject: folded\r\n  line\r\n\r\nBody.\r\n"
+    signature = dkim.sign(message, b"s", b"example.com", pem, include_headers=[b"from", b"subject"])
+    name, _, value = bytes(signature).rstrip(b"\r\n").partition(b": ")
+
+    collector = MessageCollector(keep_message=True)
+    collector.header(name.decode(), value.decode().replace("\r\n", "\n"))
+    collector.header("From", "A <a@example.com>")
+    collector.header("Subject", "folded\n  line")
+    collector.header("Authentication-Results", "other.example; spf=pass")
+    collector.body(b"Body.\r\n")
+    facts = collector.facts("192.0.2.1", "<a@example.com>", "h.example.com")
+    assert facts.from_fields == ["A <a@example.com>"]
+    assert facts.results_fields == ["other.example; spf=pass"]
+
+    class Keys:
+        def txt(self, name: str, budget: float) -> TxtLookup:
+            return TxtLookup(LookupStatus.OK, (record,))
+
+    ids = verify_dkim(facts.raw_message, Keys(), Budget(CLOCK, 5.0))
+    assert [(i.result, i.domain) for i in ids] == [("pass", "example.com")]
+
+
+def test_collector_without_dkim_keeps_no_message() -> None:
+    collector = MessageCollector(keep_message=False)
+    collector.header("From", "a@example.com")
+    collector.body(b"x" * 1000)
+    assert collector.facts("", "", "").raw_message == b""

@@ -30,7 +30,14 @@ from mtls_milter.core.header import METHOD, MethodResult
 from mtls_milter.core.spf_input import SpfResolver, verify_spf
 from mtls_milter.core.trusted_results import trusted_identifiers
 
-__all__ = ["DmarcOutcome", "MessageFacts", "dmarc_for_message", "our_methods"]
+__all__ = [
+    "MAX_DKIM_MESSAGE",
+    "DmarcOutcome",
+    "MessageCollector",
+    "MessageFacts",
+    "dmarc_for_message",
+    "our_methods",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,3 +128,62 @@ def _verified(
     if config.dmarc.dkim == "verify" and facts.raw_message:
         dkim_ids = verify_dkim(facts.raw_message, resolver, budget)
     return spf, dkim_ids
+
+
+MAX_DKIM_MESSAGE = 4 * 1024 * 1024
+"""Messages larger than this (header + body) are not DKIM-verified: their signatures give no
+identifier, so DMARC rests on SPF and mtls. Bounds the memory a message can hold."""
+
+
+class MessageCollector:
+    """Collects what DMARC needs from a transport's header and body callbacks.
+
+    ``header`` gets each field as the MTA passes it (the value without the blank after the
+    colon, folded lines with "\\n"); the raw message for DKIM is rebuilt as ``Name: value``
+    with CRLF line ends. This matches relaxed header canonicalization exactly; a signature
+    with ``simple`` header canonicalization over a field whose spacing differs may fail.
+    """
+
+    def __init__(self, *, keep_message: bool) -> None:
+        self.from_fields: list[str | bytes] = []
+        self.results_fields: list[str] = []
+        self._keep = keep_message
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._in_body = False
+
+    def header(self, name: str, value: str) -> None:
+        """One header field (``value`` may hold surrogate escapes for bytes not UTF-8)."""
+        lower = name.lower()
+        if lower == "from":
+            self.from_fields.append(value)
+        elif lower == "authentication-results":
+            self.results_fields.append(value)
+        if self._keep:
+            line = f"{name}: {value}".replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
+            self._add(line.encode("utf-8", "surrogateescape"))
+
+    def body(self, chunk: bytes) -> None:
+        """A piece of the body, as the MTA sends it (CRLF line ends)."""
+        if self._keep:
+            if not self._in_body:
+                self._in_body = True
+                self._add(b"\r\n")  # the empty line between header and body
+            self._add(chunk)
+
+    def _add(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > MAX_DKIM_MESSAGE:
+            self._keep = False
+            self._parts = []
+        else:
+            self._parts.append(data)
+
+    def facts(self, client_ip: str, mail_from: str, helo: str) -> MessageFacts:
+        """The facts for :func:`dmarc_for_message` / ``Engine.dmarc``."""
+        raw = b"".join(self._parts) if self._keep else b""
+        if raw and not self._in_body:
+            raw += b"\r\n"  # a message without a body still ends its header
+        return MessageFacts(
+            list(self.from_fields), list(self.results_fields), raw, client_ip, mail_from, helo
+        )
