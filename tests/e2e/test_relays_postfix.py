@@ -56,7 +56,7 @@ def postfix(pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     work: Path = tmp_path_factory.mktemp("relays")
     with TestDnsServer() as dns:
         dns.add("sender.test", 265, "10 out.sender.test.")
-        config = {
+        config: dict[str, dict[str, Any]] = {
             "milter": {"authserv_id": "mx.receiver.test"},
             "dns": {"nameservers": [dns.nameserver], "timeout": 1.0, "budget": 3.0},
             "tls": {"trust": [str(pki.root_path)]},
