@@ -73,7 +73,7 @@ class MilterConfig:
     user: str = ""  # when started as root: drop to this user after opening the socket
     group: str = ""  # ... and this group (default: the user's primary group)
     socket_mode: str = "0660"  # permissions of a unix socket (the MTA must be able to connect)
-    transport: MilterTransport = MilterTransport.PYMILTER
+    transport: MilterTransport = MilterTransport.ASYNCIO
 
 
 @dataclass(frozen=True, slots=True)

@@ -294,7 +294,12 @@ def _policy_request(port: int, **attributes: str) -> bytes:
         return conn.recv(100)
 
 
-@pytest.mark.parametrize("rig", ["postfix"], indirect=True)  # the policy listener is Postfix's
+@pytest.mark.parametrize(  # the policy listener is Postfix's
+    "rig",
+    [("postfix", t) for t in TRANSPORTS],
+    ids=[f"postfix-{t}" for t in TRANSPORTS],
+    indirect=True,
+)
 def test_an_earlier_sessions_fingerprint_is_not_this_sessions(rig: Rig) -> None:
     """The policy listener still holds a record for the client's address and port from an
     earlier session, whose certificate has since been renewed. The new session (same address,

@@ -152,10 +152,10 @@ def test_not_utf8(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_milter_transport_defaults_to_pymilter_and_takes_asyncio(tmp_path: Path) -> None:
-    assert load_config(None).milter.transport is MilterTransport.PYMILTER
-    config = load_config(write(tmp_path, '[milter]\ntransport = "asyncio"\n'))
-    assert config.milter.transport is MilterTransport.ASYNCIO
+def test_milter_transport_defaults_to_asyncio_and_takes_pymilter(tmp_path: Path) -> None:
+    assert load_config(None).milter.transport is MilterTransport.ASYNCIO
+    config = load_config(write(tmp_path, '[milter]\ntransport = "pymilter"\n'))
+    assert config.milter.transport is MilterTransport.PYMILTER
 
 
 def test_config_is_immutable() -> None:
