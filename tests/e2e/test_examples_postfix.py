@@ -4,8 +4,9 @@
 instance (``MAIL_CONFIG``) with the README's ``postconf -e`` loop and the prepend command in
 ``main.cf.policy``; the daemon runs from ``examples/mtls-milter.toml`` on the unix socket it
 names, in a directory made by the recipe in ``main.cf.inbound``. Only what the README says differs
-is replaced: TLS file paths, the two TCP ports, the socket directory (full path: this smtpd is not
-chrooted), the DNS server and trust anchor, and the account: the daemons run as ``nobody``
+is replaced: TLS file paths, the two TCP ports, ``/var/spool/postfix`` by the instance's queue
+directory (its smtpd runs chrooted there, as on Debian, so ``smtpd_milters`` stays exactly as
+written), the DNS server and trust anchor, and the account: the daemons run as ``nobody``
 instead of ``mtls-milter``, started the way the shipped systemd unit starts them (``User=``,
 no supplementary groups, no capabilities, ``MemoryDenyWriteExecute=yes`` as
 ``prctl(PR_SET_MDWE)`` where the kernel has it). The socket gets group postfix from the
@@ -17,6 +18,7 @@ would show as no SMTP greeting or no header.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -97,6 +99,19 @@ class ExamplePostfix(PostfixHarness):
 
     def _write_config(self) -> None:
         super()._write_config()
+        # smtpd chrooted in the queue directory, as on Debian (master.cf chroot column "y")
+        master = self.config_dir / "master.cf"
+        stat = master.stat()
+        text = master.read_text()
+        listen = text.splitlines()[1]
+        assert listen.endswith("inet  n       -       n       -       -       smtpd"), listen
+        master.write_text(
+            text.replace(
+                listen,
+                listen[: -len("n       -       -       smtpd")] + "y       -       -       smtpd",
+            )
+        )
+        os.utime(master, (stat.st_atime, stat.st_mtime))
         copies = self.workdir / "examples"
         copies.mkdir(exist_ok=True)
         for name in ("main.cf.inbound", "main.cf.policy", "main.cf.outbound"):
@@ -171,7 +186,8 @@ def rig(
     # Postfix's smtpd (user postfix) must reach the socket: not under pytest's 0700 tree
     base = Path(tempfile.mkdtemp(prefix="mtls-examples-"))
     base.chmod(0o755)
-    sock_dir = base / "mtls-milter"
+    # the instance's queue directory stands for /var/spool/postfix, smtpd's chroot
+    sock_dir = base / "mta" / "postfix" / "spool" / "mtls-milter"
     recipe = _line_with(EXAMPLES / "postfix" / "main.cf.inbound", "install -d -o mtls-milter")
     recipe = recipe.replace("-o mtls-milter", f"-o {ACCOUNT}").replace(
         "/var/spool/postfix/mtls-milter", str(sock_dir)
@@ -179,12 +195,11 @@ def rig(
     subprocess.run(recipe.split(), check=True)
     ports = {"policy": free_port(), "map": free_port()}
     mx = pki.leaves["mx-server"]
-    tls_dir = work / "mta" / "postfix" / "tls"
+    tls_dir = base / "mta" / "postfix" / "tls"
     subst = {
         "/etc/postfix/tls/mx.key": str(tls_dir / "server.key"),
         "/etc/postfix/tls/mx.crt": str(tls_dir / "server.crt"),
         "/etc/ssl/certs/ca-certificates.crt": str(tls_dir / "ca.pem"),
-        "unix:/mtls-milter/milter.sock": f"unix:{sock_dir}/milter.sock",
         "127.0.0.1:8897": f"127.0.0.1:{ports['policy']}",
         "127.0.0.1:8899": f"127.0.0.1:{ports['map']}",
     }
@@ -212,7 +227,7 @@ def rig(
             _wait_tcp(ports["map"], procs[1], work / "map.log")
             tls = MtaTls(cert_path=mx.chain_path, key_path=mx.key_path, ca_path=pki.root_path)
             postfix = ExamplePostfix(
-                work / "mta",
+                base / "mta",
                 subst,
                 tls=tls,
                 extra_main_cf={"smtpd_recipient_restrictions": OPERATOR_RESTRICTIONS},
@@ -228,7 +243,7 @@ def rig(
 
 def test_the_socket_belongs_to_group_postfix(rig: tuple[ExamplePostfix, Path]) -> None:
     postfix, _ = rig
-    path = Path(postfix.substituted("unix:/mtls-milter/milter.sock").removeprefix("unix:"))
+    path = postfix.queue_dir / "mtls-milter" / "milter.sock"
     st = path.stat()
     assert (path.owner(), path.group(), oct(st.st_mode & 0o777)) == (ACCOUNT, "postfix", "0o660")
 
