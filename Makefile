@@ -51,8 +51,10 @@ system-packages:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# Real Postfix (package) and Sendmail (unpacked beside it: the packages conflict), swaks,
-# miltertest: what the end-to-end tests and benches drive. Never starts system daemons.
+# Real Postfix and Sendmail, swaks, miltertest: what the end-to-end tests and benches drive.
+# Postfix is installed only on a host without any MTA (an installed Postfix is used as it is;
+# beside another MTA the Postfix tests skip); Sendmail is only ever unpacked into a directory.
+# Never starts system daemons; `sh tests/e2e/install_mtas.sh --plan` shows the decision.
 test-packages:
 	$(SUDO) sh tests/e2e/install_mtas.sh
 
