@@ -1,4 +1,5 @@
-"""Transport figures: our own inbound milter transport vs pymilter/libmilter, null milters.
+"""Transport figures: our own inbound milter transport vs pymilter/libmilter, null milters, then
+the product (``mtls-milter serve``) on each ``[milter] transport`` beside the null pymilter milter.
 
 Run: ``.venv/bin/python bench/bench_inbound.py`` (or via ``bench/run_all.py``). Prints figures
 and ratios only, never asserts timings.
@@ -12,6 +13,10 @@ each connection; miltertest with TCP_NODELAY forced by bench_milter.py's LD_PREL
 its own small writes otherwise stall ~40 ms each). Rounds are interleaved; the median round is
 shown, with the milter's CPU per message (all threads, user + system). With uvloop importable
 (e.g. ``PYTHONPATH`` pointing at an installed copy) the inbound milter runs on it.
+
+The product rows use the unix socket and ``bench_milter.py``'s conversation: Postfix TLS macros
+for a trusted client certificate, a Client MX record served with a one-hour TTL (warm cache),
+``Authentication-Results: ... mtls=pass`` checked on every message.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from bench_milter import (
     ratio,
     short_tmpdir,
 )
+from support.dnsserver import TestDnsServer
 from support.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -63,9 +69,58 @@ def main() -> int:
     with short_tmpdir() as tmp:
         bench = Bench(miltertest, tmp)
         try:
-            return measure(bench, tmp, began)
+            status = measure(bench, tmp, began)
         finally:
             bench.close()
+    if status:
+        return status
+    with short_tmpdir() as tmp, TestDnsServer() as dns_server:
+        dns_server.add("sender.test", 265, "10 out.sender.test.", ttl=3600)
+        bench = Bench(miltertest, tmp)
+        try:
+            return measure_product(bench, tmp, dns_server.nameserver)
+        finally:
+            bench.close()
+
+
+def measure_product(bench: Bench, tmp: Path, nameserver: str) -> int:
+    """mtls-milter serve on each transport vs the null pymilter milter, unix socket."""
+    began = time.monotonic()
+    milters = {
+        "null pymilter": bench.start_null("null", f"unix:{tmp}/null.sock", False),
+        "serve pymilter": bench.start_ours("serve-py", f"unix:{tmp}/py.sock", nameserver),
+        "serve asyncio": bench.start_ours(
+            "serve-aio", f"unix:{tmp}/aio.sock", nameserver, "asyncio"
+        ),
+    }
+    for milter in milters.values():
+        _, _, failures, header = bench.run(milter, 1, 0.5, count=20)
+        if failures or not header:
+            print(f"{milter.label}: warm-up failed: {failures} header={header!r}")
+            return 1
+    plan = [(c, label) for c in (1, 8) for label in milters]
+    figures = {key: Figure() for key in plan}
+    for _ in range(ROUNDS):
+        for concurrency, label in plan:
+            rate, cpu_us, failures, _ = bench.run(milters[label], concurrency, RUN_SECONDS)
+            figure = figures[(concurrency, label)]
+            figure.failures.extend(failures)
+            if not math.isnan(rate):
+                figure.rates.append(rate)
+                figure.cpu_us.append(cpu_us)
+    print("\nthe product, unix socket, warm DNS cache, mtls=pass checked; median of rounds")
+    print(f"{'milter':<15} {'conc':>4} {'msg/s':>8} {'vs null':>8} {'CPU µs/msg':>11}")
+    for concurrency in (1, 8):
+        base = figures[(concurrency, "null pymilter")].median
+        for label in milters:
+            figure = figures[(concurrency, label)]
+            print(f"{label:<15} {concurrency:>4} {fmt(figure.median):>8} "
+                  f"{ratio(figure.median, base):>8} {figure.cpu:>11,.0f}")  # fmt: skip
+    for key, figure in figures.items():
+        for failure in sorted(set(figure.failures))[:5]:
+            print(f"FAILURE {key}: {failure}")
+    print(f"product bench time {time.monotonic() - began:.1f} s")
+    return 0
 
 
 def measure(bench: Bench, tmp: Path, began: float) -> int:

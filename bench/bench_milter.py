@@ -166,12 +166,15 @@ def ensure_miltertest() -> str | None:
     return found
 
 
-def write_config(tmp: Path, name: str, spec: str, nameserver: str) -> Path:
+def write_config(
+    tmp: Path, name: str, spec: str, nameserver: str, transport: str = "pymilter"
+) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(
         "[milter]\n"
         f'socket = "{spec}"\n'
         f'authserv_id = "{AUTHSERV_ID}"\n'
+        f'transport = "{transport}"\n'
         "\n[dns]\n"
         f'nameservers = ["{nameserver}"]\n'
     )
@@ -214,9 +217,11 @@ class Bench:
             command.append("--nodelay")
         return MilterProc(label, spec, NULL_HEADER, self._spawn(command, log), log)
 
-    def start_ours(self, label: str, spec: str, nameserver: str) -> MilterProc:
+    def start_ours(
+        self, label: str, spec: str, nameserver: str, transport: str = "pymilter"
+    ) -> MilterProc:
         log = self.tmp / f"{label}.log"
-        config = write_config(self.tmp, label, spec, nameserver)
+        config = write_config(self.tmp, label, spec, nameserver, transport)
         command = [sys.executable, "-m", "mtls_milter", "serve", "--config", str(config)]
         return MilterProc(label, spec, OURS_HEADER, self._spawn(command, log), log)
 

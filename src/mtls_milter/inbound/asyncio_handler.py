@@ -2,9 +2,11 @@
 out as :class:`~.replies.Reply` values.
 
 Every step but end of message only looks at memory or starts work in the pool, so it runs on
-the loop; end of message may wait for the Client MX lookup and a chain fetch, so it runs in a
-worker thread of its own pool (``loop.run_in_executor``) and the loop keeps serving the other
-connections. The options ask the MTA for what the decisions need: header actions, the macro
+the loop; end of message may wait for the Client MX lookup and a chain fetch, so when it may
+(:meth:`~.session.MilterSession.eom_may_block`) it runs in a worker thread of its own pool
+(``loop.run_in_executor``) and the loop keeps serving the other connections; with the answer at
+hand (a warm DNS cache, no chain to fetch) it runs on the loop, which costs less than the hop.
+The options ask the MTA for what the decisions need: header actions, the macro
 lists per stage, and the DATA and end-of-headers steps (docs/design.md "Milter transports");
 RCPT, body and unknown commands are not sent at all.
 """
@@ -61,6 +63,8 @@ class SessionHandler:
             return _reply(session.header(text(event.name), text(event.value)))
         if isinstance(event, ev.EndOfMessage):
             macros = _values(event.macros, EOM_MACROS)
+            if not session.eom_may_block():  # only computing: a thread hop would cost more
+                return _reply(session.eom(macros))
             loop = asyncio.get_running_loop()
             outcome = await loop.run_in_executor(self._eom_executor, session.eom, macros)
             return _reply(outcome)

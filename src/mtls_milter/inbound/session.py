@@ -241,6 +241,22 @@ class MilterSession:
         side_effect("logging the verdict", self._log, tx, verdict, action, dry_run)
         return outcome
 
+    def eom_may_block(self) -> bool:
+        """Whether :meth:`eom` may wait: for the Client MX lookup still running, for a chain
+        fetch (started, or possible since a fingerprint is known), or for the MX fallback's
+        lookup. Otherwise it only computes (a warm cache: the common case)."""
+        tx = self._tx
+        if tx is None or tx.skip_reason:
+            return False
+        if tx.prefetch is not None and not tx.prefetch.done():
+            return True
+        if tx.chain_fetch is not None or tx.engine.config.policy.server_mx_fallback:
+            return True
+        if self._fetcher is None or not tx.engine.config.chain_fetch.enabled:
+            return False
+        session = tls_session(tx, self._sessions)
+        return bool(session.fingerprint or session.fingerprint_md5)
+
     @_guarded(CONTINUE)
     def abort(self) -> Outcome:
         self._tx = None
