@@ -64,6 +64,8 @@ def start_dns() -> subprocess.Popen[bytes]:
 def main() -> int:
     if not Path(DNSMASQ).exists():
         sys.exit(f"demo: {DNSMASQ} is missing (Debian package dnsmasq-base; make setup)")
+    if not (ROOT / ".venv" / "bin" / "mtls-milter").exists():
+        sys.exit("demo: .venv/bin/mtls-milter is missing: run make setup first")
     commands = readme_commands()
     if not commands:
         sys.exit("demo: no check command found after 'make demo' in README.md")
