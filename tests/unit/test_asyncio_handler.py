@@ -23,6 +23,7 @@ from mtls_milter.inbound.asyncio_driver import MilterServer
 from mtls_milter.inbound.asyncio_handler import OPTIONS, handler_factory
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.session import EngineHolder, MilterSession
+from mtls_milter.inbound.wire import ProtocolFlag
 from mtls_milter.net.starttls import StartTlsResult
 
 AUTHSERV_ID = "mx.receiver.test"
@@ -168,6 +169,14 @@ def test_fail_rejects_with_our_reply_text(
     reply = [p for c, p in got if c == b"y"]
     assert len(reply) == 1 and reply[0].startswith(b"550 5.7.1 mtls=fail: ")
     assert any(c == b"i" and b"mtls=fail" in p for c, p in got)
+
+
+def test_header_fields_are_answered() -> None:
+    """Without an answer per header field, Sendmail over inet: waits ~40 ms more per message
+    (measured by tests/e2e/test_milter_e2e.py::test_inet_timing: 132 ms instead of 88 ms from
+    MAIL to end of message)."""
+    assert not OPTIONS.protocol & ProtocolFlag.NR_HDR
+    assert not OPTIONS.protocol & (ProtocolFlag.NODATA | ProtocolFlag.NOEOH | ProtocolFlag.NOHDRS)
 
 
 def test_slow_chain_fetch_does_not_delay_another_client(
