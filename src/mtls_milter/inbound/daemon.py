@@ -1,10 +1,11 @@
 """``mtls-milter serve``: run the milter daemon in the foreground.
 
-libmilter runs in a worker thread; the main thread owns the signals. libmilter starts a signal
-thread of its own that waits (sigwait) for SIGHUP, SIGINT and SIGTERM and takes any of them as
-"stop". Linux hands a process-directed signal to the main thread when that thread does not block
-it and has no other signal pending; otherwise to another thread that does not block it, and a
-thread in sigwait counts as one. So:
+``[milter] transport`` picks the daemon: ``"asyncio"`` runs :mod:`.asyncio_daemon`; this module
+is the ``"pymilter"`` one, described here. libmilter runs in a worker thread; the main thread
+owns the signals. libmilter starts a signal thread of its own that waits (sigwait) for SIGHUP,
+SIGINT and SIGTERM and takes any of them as "stop". Linux hands a process-directed signal to the
+main thread when that thread does not block it and has no other signal pending; otherwise to
+another thread that does not block it, and a thread in sigwait counts as one. So:
 
 * SIGHUP, SIGTERM and SIGINT are blocked in every thread but the main one
   (:func:`start_with_signals_blocked`; threads they start inherit the mask), and the main
