@@ -837,7 +837,7 @@ def test_malformed_client_mx_rdata_is_permerror(
     assert _one_verdict(caplog)["result"] == "permerror"
 
 
-def _boom(self: Engine, transaction: Transaction, evidence: Evidence) -> Verdict:
+def _boom(self: Engine, transaction: Transaction, evidence: Evidence, **kwargs: object) -> Verdict:
     raise RuntimeError("injected failure")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any, TypeVar
 
+from mtls_milter.core.decisions import action_for
 from mtls_milter.core.evaluate import Verdict
 from mtls_milter.core.evidence import session_from_macros
 from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
@@ -40,7 +41,6 @@ from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.policy_service import SessionTable
 from mtls_milter.inbound.session_evidence import (
     Transaction,
-    action_for,
     in_networks,
     reply_text,
     start_chain_fetch,
@@ -229,7 +229,7 @@ class MilterSession:
             return ACCEPT
         tx.macros.update({k: v for k, v in macros.items() if v})
         verdict = verdict_for(tx, self._sessions, self._fetcher)
-        action = action_for(tx.engine, verdict)
+        action = action_for(verdict, tx.engine.config.policy)
         dry_run = tx.engine.config.policy.dry_run
         outcome = ACCEPT
         if not dry_run and action != "accept":

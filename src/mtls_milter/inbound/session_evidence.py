@@ -13,11 +13,10 @@ import logging
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from mtls_milter.config import FailAction, TemperrorAction
-from mtls_milter.core.certs import name_matches
+from mtls_milter.core.decisions import chain_could_change
 from mtls_milter.core.evaluate import Result, Verdict
 from mtls_milter.core.evaluate import Transaction as CoreTransaction
 from mtls_milter.core.evidence import (
@@ -28,7 +27,7 @@ from mtls_milter.core.evidence import (
     with_chain,
     with_fingerprint,
 )
-from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus, MxResolver
+from mtls_milter.core.lookups import HostLookup
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher, FetchOutcome
 from mtls_milter.inbound.policy_service import SessionTable
@@ -73,12 +72,11 @@ def verdict_for(
                 budget = engine.config.dns.budget
                 reason = f"Client MX lookup did not finish within the {budget:g} s DNS budget"
                 return Verdict(Result.TEMPERROR, reason, domain=domain)
-            # Use the answer itself: a failure is not cached, and asking again would spend
-            # the DNS budget a second time.
-            prefetched = _Prefetched(engine.resolver, domain, tx.prefetch.result())
-            engine = replace(engine, resolver=prefetched)
         transaction = CoreTransaction(mail_from=tx.mail_from, helo=tx.helo)
-        return engine.evaluate(transaction, _evidence(tx, sessions, fetcher))
+        # The answer itself, not a second lookup: a failure is not cached, and asking again
+        # would spend the DNS budget twice.
+        held = tx.prefetch.result() if tx.prefetch is not None else None
+        return engine.evaluate(transaction, _evidence(tx, sessions, fetcher), client_mx=held)
     except Exception:
         log.exception("internal error during evaluation")
         return Verdict(Result.TEMPERROR, "internal error", evidence=EvidenceKind.NONE)
@@ -127,26 +125,16 @@ def start_chain_fetch(
 
 
 def _chain_wanted(tx: Transaction, session: TlsSession, wait: bool) -> bool | None:
-    """Whether a chain could change the verdict: the MTA did not verify the certificate, or
-    its CN matches no published host. None while the Client MX lookup is still running."""
-    config = tx.engine.config
+    """Whether a chain could change the verdict (the core decides); None while the Client MX
+    lookup is still running and ``wait`` is false."""
+    client_mx = None
     if tx.prefetch is not None:
         if not tx.prefetch.done() and not wait:
             return None
         if not _prefetch_done(tx, tx.prefetch):
             return False
-        lookup = tx.prefetch.result()
-        if lookup.status is LookupStatus.NOT_FOUND:
-            if not config.policy.server_mx_fallback:
-                return False  # not opted in: no evidence changes "none"
-        elif lookup.status is not LookupStatus.OK or lookup.null:
-            return False
-        elif session.mta_verified and session.mta_cn:
-            wild = config.tls.allow_wildcards
-            return not any(
-                name_matches(session.mta_cn, host, allow_wildcards=wild) for host in lookup.hosts
-            )
-    return not (session.mta_verified and session.mta_cn)
+        client_mx = tx.prefetch.result()
+    return chain_could_change(client_mx, session, tx.engine.config)
 
 
 def _evidence(
@@ -185,39 +173,6 @@ def _prefetch_done(tx: Transaction, prefetch: Future[HostLookup]) -> bool:
     except FutureTimeout:
         return False
     return True
-
-
-@dataclass(frozen=True)
-class _Prefetched:
-    """A resolver answering the Client MX lookup made at MAIL FROM, delegating the rest."""
-
-    resolver: MxResolver
-    domain: str
-    lookup: HostLookup
-
-    def client_mx(self, domain: str, budget: float) -> HostLookup:
-        if domain == self.domain:
-            return self.lookup
-        return self.resolver.client_mx(domain, budget)
-
-    def server_mx(self, domain: str, budget: float) -> HostLookup:
-        return self.resolver.server_mx(domain, budget)
-
-    def addresses(self, host: str, budget: float) -> AddressLookup:
-        return self.resolver.addresses(host, budget)
-
-    def cached_client_mx(self, domain: str) -> HostLookup | None:
-        return self.lookup if domain == self.domain else self.resolver.cached_client_mx(domain)
-
-
-def action_for(engine: Engine, verdict: Verdict) -> str:
-    """``accept``, ``reject`` or ``tempfail`` for this verdict under the policy."""
-    policy = engine.config.policy
-    if verdict.result is Result.FAIL and policy.on_fail is not FailAction.ANNOTATE:
-        return policy.on_fail.value
-    if verdict.result is Result.TEMPERROR and policy.on_temperror is TemperrorAction.TEMPFAIL:
-        return "tempfail"
-    return "accept"
 
 
 def reply_text(verdict: Verdict) -> str:
