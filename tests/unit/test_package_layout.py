@@ -153,7 +153,7 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Modules still over the limit, with their size when it was set: a module may shrink below
 # its entry (then drop the entry), never grow past it.
-OVERSIZED_MODULES: dict[str, int] = {"mtls_milter/config.py": 440}  # every default in one place
+OVERSIZED_MODULES: dict[str, int] = {}
 LONG_FUNCTIONS: dict[str, int] = {}
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from mtls_milter.config import values as v
 from mtls_milter.endpoints import parse_nameserver, parse_socket_spec
 from mtls_milter.errors import MtlsMilterError
 
@@ -167,184 +168,68 @@ class Config:
     source: str = "<built-in defaults>"
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing. Each key has a converter that takes the raw TOML value and returns the typed value or
-# raises ValueError with a short description of what was expected.
-
-_T = TypeVar("_T")
-Converter = Callable[[Any], Any]
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected a string")
-    return value
-
-
-def _number(low: float, high: float) -> Converter:
-    def convert(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError("expected a number")
-        if not low <= value <= high:
-            raise ValueError(f"expected a number from {low:g} to {high:g}")
-        return float(value)
-
-    return convert
-
-
-def _integer(low: int, high: int) -> Converter:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("expected an integer")
-        if not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}")
-        return value
-
-    return convert
-
-
-def _enum(kind: type[StrEnum]) -> Converter:
-    def convert(value: Any) -> StrEnum:
-        try:
-            return kind(value)
-        except ValueError:
-            allowed = ", ".join(f'"{member.value}"' for member in kind)
-            raise ValueError(f"expected one of {allowed}") from None
-
-    return convert
-
-
-def _list_of(item: Converter) -> Converter:
-    def convert(value: Any) -> tuple[Any, ...]:
-        if not isinstance(value, list):
-            raise ValueError("expected a list")
-        return tuple(item(entry) for entry in value)
-
-    return convert
-
-
-def _checked_by(parse: Callable[[str], object], *, optional: bool = False) -> Converter:
-    """A string ``parse`` accepts (or, when ``optional``, the empty string)."""
-
-    def convert(value: Any) -> str:
-        text = _str(value)
-        if text or not optional:
-            parse(text)
-        return text
-
-    return convert
-
-
-def _octal_mode(value: Any) -> str:
-    text = _str(value)
-    if not (3 <= len(text) <= 4 and all(c in "01234567" for c in text)):
-        raise ValueError('expected an octal mode like "0660"')
-    return text
-
-
-def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(_str(value), strict=False)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a network (like 192.0.2.0/24)") from None
-
-
-def _map_name(value: Any) -> str:
-    text = _str(value)
-    if not text or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in text):
-        raise ValueError("expected a non-empty name of letters, digits, '-', '_' or '.'")
-    return text
-
-
 DMARC_INPUTS = ("verify", "trusted-results", "off")
 
 
-def _one_of(allowed: tuple[str, ...]) -> Converter:
-    def convert(value: Any) -> str:
-        if _str(value) not in allowed:
-            raise ValueError("expected one of " + ", ".join(f'"{a}"' for a in allowed))
-        return str(value)
-
-    return convert
-
-
-def _authserv_id(text: str) -> None:
-    if not text or any(ch.isspace() or ch in ';()"' for ch in text):
-        raise ValueError("expected an authserv-id (a host name, no blanks or ;)")
-
-
-def _trust_source(value: Any) -> str:
-    text = _str(value)
-    if not text:
-        raise ValueError('expected "system" or a PEM file path')
-    return text
-
-
-_SCHEMA: dict[str, dict[str, Converter]] = {
+_SCHEMA: dict[str, dict[str, v.Converter]] = {
     "milter": {
-        "socket": _checked_by(parse_socket_spec),
-        "authserv_id": _str,
-        "delete_all_own_results": _bool,
-        "user": _str,
-        "group": _str,
-        "socket_mode": _octal_mode,
-        "transport": _enum(MilterTransport),
+        "socket": v.checked_by(parse_socket_spec),
+        "authserv_id": v.string,
+        "delete_all_own_results": v.boolean,
+        "user": v.string,
+        "group": v.string,
+        "socket_mode": v.octal_mode,
+        "transport": v.enum_of(MilterTransport),
     },
     "dns": {
-        "nameservers": _list_of(_checked_by(parse_nameserver)),
-        "timeout": _number(0.05, 30),
-        "budget": _number(0.1, 60),
-        "client_mx_type": _integer(1, 65535),
-        "cache_size": _integer(0, 10_000_000),
-        "max_cache_ttl": _integer(0, 7 * 86400),
+        "nameservers": v.list_of(v.checked_by(parse_nameserver)),
+        "timeout": v.number(0.05, 30),
+        "budget": v.number(0.1, 60),
+        "client_mx_type": v.integer(1, 65535),
+        "cache_size": v.integer(0, 10_000_000),
+        "max_cache_ttl": v.integer(0, 7 * 86400),
     },
     "tls": {
-        "trust": _list_of(_trust_source),
-        "eku": _enum(EkuPolicy),
-        "allow_wildcards": _bool,
+        "trust": v.list_of(v.trust_source),
+        "eku": v.enum_of(EkuPolicy),
+        "allow_wildcards": v.boolean,
         # Below 2048 the Web PKI verifier refuses CA keys anyway, and RSA-1024 is within reach
         # of a well-funded attacker; above 16384 nobody issues certificates.
-        "min_rsa_bits": _integer(2048, 16384),
+        "min_rsa_bits": v.integer(2048, 16384),
     },
     "policy": {
-        "on_fail": _enum(FailAction),
-        "on_temperror": _enum(TemperrorAction),
-        "server_mx_fallback": _bool,
-        "helo_fallback": _bool,
-        "dry_run": _bool,
-        "internal_networks": _list_of(_network),
+        "on_fail": v.enum_of(FailAction),
+        "on_temperror": v.enum_of(TemperrorAction),
+        "server_mx_fallback": v.boolean,
+        "helo_fallback": v.boolean,
+        "dry_run": v.boolean,
+        "internal_networks": v.list_of(v.network),
     },
     "policy_map": {
-        "socket": _checked_by(parse_socket_spec),
-        "map_name": _map_name,
-        "report_only": _bool,
-        "max_request": _integer(64, 65536),
+        "socket": v.checked_by(parse_socket_spec),
+        "map_name": v.map_name,
+        "report_only": v.boolean,
+        "max_request": v.integer(64, 65536),
     },
     "policy_service": {
-        "socket": _checked_by(parse_socket_spec, optional=True),
-        "socket_mode": _octal_mode,
+        "socket": v.checked_by(parse_socket_spec, optional=True),
+        "socket_mode": v.octal_mode,
     },
     "chain_fetch": {
-        "enabled": _bool,
-        "port": _integer(1, 65535),
-        "timeout": _number(0.1, 30),
-        "max_concurrent": _integer(1, 1024),
-        "allow_private": _bool,
-        "cache_ttl": _integer(0, 7 * 86400),
-        "negative_ttl": _integer(0, 86400),
+        "enabled": v.boolean,
+        "port": v.integer(1, 65535),
+        "timeout": v.number(0.1, 30),
+        "max_concurrent": v.integer(1, 1024),
+        "allow_private": v.boolean,
+        "cache_ttl": v.integer(0, 7 * 86400),
+        "negative_ttl": v.integer(0, 86400),
     },
     "dmarc": {
-        "enabled": _bool,
-        "enforce": _bool,
-        "spf": _one_of(DMARC_INPUTS),
-        "dkim": _one_of(DMARC_INPUTS),
-        "trusted_authserv_ids": _list_of(_checked_by(_authserv_id)),
+        "enabled": v.boolean,
+        "enforce": v.boolean,
+        "spf": v.one_of(DMARC_INPUTS),
+        "dkim": v.one_of(DMARC_INPUTS),
+        "trusted_authserv_ids": v.list_of(v.checked_by(v.authserv_id)),
     },
 }
 
