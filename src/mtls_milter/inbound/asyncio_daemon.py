@@ -19,7 +19,7 @@ from mtls_milter.config import Config
 from mtls_milter.engine import Engine
 from mtls_milter.errors import StartupError
 from mtls_milter.inbound.asyncio_driver import MilterServer, run
-from mtls_milter.inbound.asyncio_handler import OPTIONS, handler_factory
+from mtls_milter.inbound.asyncio_handler import handler_factory, options_for
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.daemon_common import EngineReloader, drop_privileges
 from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
@@ -95,7 +95,8 @@ class AsyncioDaemon:
 
         factory = handler_factory(make_session, self._eom)
         mode = int(config.milter.socket_mode, 8)
-        return MilterServer(config.milter.socket, factory, OPTIONS, socket_mode=mode)
+        options = lambda: options_for(holder.engine.config)  # noqa: E731 (after a reload too)
+        return MilterServer(config.milter.socket, factory, options, socket_mode=mode)
 
     def _start_policy_service(self, config: Config) -> None:
         spec = config.policy_service.socket

@@ -8,7 +8,8 @@ the loop; end of message may wait for the Client MX lookup and a chain fetch, so
 hand (a warm DNS cache, no chain to fetch) it runs on the loop, which costs less than the hop.
 The options ask the MTA for what the decisions need: header actions, the macro
 lists per stage, and the DATA and end-of-headers steps (docs/design.md "Milter transports");
-RCPT, body and unknown commands are not sent at all.
+RCPT and unknown commands are not sent at all, the body only for DKIM verified here
+(DMARC).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import replace
 
+from mtls_milter.config import Config
 from mtls_milter.core.quote import quote
 
 from . import events as ev
@@ -30,10 +33,12 @@ from .replies import (
     ChangeHeader,
     InsertHeader,
     Modification,
+    Quarantine,
     Reply,
     SmtpReply,
 )
 from .session import ENVFROM_MACROS, EOM_MACROS, HELO_MACROS, MilterSession, Outcome
+from .session_dmarc import wants_body
 from .wire import ActionFlag, ProtocolFlag, Stage, text
 
 log = logging.getLogger("mtls_milter")
@@ -48,6 +53,19 @@ OPTIONS = MilterOptions(
     protocol=int(PROTOCOL),
     macros={Stage.HELO: HELO_MACROS, Stage.ENVFROM: ENVFROM_MACROS, Stage.EOM: EOM_MACROS},
 )
+
+
+def options_for(config: Config) -> MilterOptions:
+    """The options for a new MTA connection: with DMARC on, the quarantine action too, and the
+    body when DKIM is verified here (docs/dmarc.md)."""
+    if not config.dmarc.enabled:
+        return OPTIONS
+    protocol = PROTOCOL & ~ProtocolFlag.NOBODY if wants_body(config) else PROTOCOL
+    return replace(
+        OPTIONS, actions=OPTIONS.actions | int(ActionFlag.QUARANTINE), protocol=int(protocol)
+    )
+
+
 _ACTIONS = {"continue": Action.CONTINUE, "accept": Action.ACCEPT}
 
 
@@ -62,7 +80,11 @@ class SessionHandler:
         session = self.session
         if isinstance(event, ev.Header):
             return _reply(session.header(text(event.name), text(event.value)))
+        if isinstance(event, ev.Body):
+            return _reply(session.body(event.chunk))
         if isinstance(event, ev.EndOfMessage):
+            if event.chunk:
+                session.body(event.chunk)
             macros = _values(event.macros, EOM_MACROS)
             if not session.eom_may_block():  # only computing: a thread hop would cost more
                 return _reply(session.eom(macros))
@@ -101,12 +123,14 @@ def _values(macros: Macros, names: tuple[str, ...]) -> dict[str, str | None]:
 def _reply(outcome: Outcome) -> Reply:
     """The protocol answer for an outcome; header changes that cannot be sent are logged and
     left out, never changing the answer."""
-    if not outcome.headers and outcome.reply is None:
+    if not outcome.headers and outcome.reply is None and not outcome.quarantine:
         return ACCEPT if outcome.action == "accept" else CONTINUE
     changes: tuple[Modification, ...] = tuple(
         ChangeHeader(c.name, c.index, "") if c.delete else InsertHeader(c.index, c.name, c.value)
         for c in outcome.headers
     )
+    if outcome.quarantine:
+        changes += (Quarantine(outcome.quarantine),)
     action = _ACTIONS.get(outcome.action) or (
         Action.REJECT if outcome.action == "reject" else Action.TEMPFAIL
     )

@@ -160,7 +160,7 @@ class Daemon:
         sessions = self._sessions if config.policy_service.socket else None
         fetcher = self._fetcher
         Milter.factory = lambda: MtlsMilter(holder, executor, sessions=sessions, fetcher=fetcher)
-        _register_callbacks()
+        _register_callbacks(config)
         milter.setconn(spec)
         milter.settimeout(MILTER_TIMEOUT)
         try:
@@ -322,9 +322,11 @@ def _no_defer(signals: tuple[int, ...]) -> None:
         log.warning("cannot set SA_NODEFER on the signal handlers (%s); continuing", exc)
 
 
-def _register_callbacks() -> None:
-    """Register pymilter's callbacks without entering its main loop (as runmilter would)."""
-    milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
+def _register_callbacks(config: Config) -> None:
+    """Register pymilter's callbacks without entering its main loop (as runmilter would).
+    The quarantine action is asked for only with DMARC on (the MTA must offer it)."""
+    flags = Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST
+    milter.set_flags(flags | (Milter.QUARANTINE if config.dmarc.enabled else 0))
     milter.set_connect_callback(Milter.connect_callback)
     milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
     milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))

@@ -29,6 +29,7 @@ from mtls_milter.inbound.session import (
     side_effect,
     warn_once,
 )
+from mtls_milter.inbound.session_dmarc import wants_body
 
 __all__ = ["ENVFROM_MACROS", "EOM_MACROS", "HELO_MACROS", "EngineHolder", "MtlsMilter"]
 
@@ -43,6 +44,8 @@ ALL_OPTS: int = Milter.ALL_OPTS
 ADDHDRS: int = Milter.ADDHDRS
 CHGHDRS: int = Milter.CHGHDRS
 SETSYMLIST: int = Milter.SETSYMLIST
+QUARANTINE: int = Milter.QUARANTINE
+P_NOBODY: int = Milter.P_NOBODY
 _CODES = {"continue": CONTINUE, "accept": ACCEPT, "reject": REJECT, "tempfail": TEMPFAIL}
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -80,9 +83,12 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
 
     @_guarded(ALL_OPTS)
     def negotiate(self, opts: list[int]) -> int:
+        mta_protocol = int(opts[1])
         status: int = super().negotiate(opts)
         if status != CONTINUE:
             return status
+        if not wants_body(self.session.config):  # the body only for DKIM verified here
+            opts[1] = self._protocol = int(opts[1]) | (mta_protocol & P_NOBODY)
         offered = int(opts[0])  # the actions the MTA allows; we ask for all of them
         header_actions = offered & (ADDHDRS | CHGHDRS) == ADDHDRS | CHGHDRS
         self.session.header_actions = header_actions
@@ -153,6 +159,10 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         return self._answer(self.session.header(name, value))
 
     @_guarded(CONTINUE)
+    def body(self, chunk: bytes) -> int:
+        return self._answer(self.session.body(bytes(chunk)))
+
+    @_guarded(CONTINUE)
     def eoh(self) -> int:
         # Not a no-op either: without this callback pymilter negotiates SMFIP_NOEOH, and then
         # libmilter drops the end of a message that had no header field at all (DATA straight to
@@ -168,6 +178,8 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             side_effect("setting the SMTP reply", self.setreply, *outcome.reply)
         if outcome.headers:
             side_effect("rewriting the header fields", self._apply_headers, outcome)
+        if outcome.quarantine:  # needs QUARANTINE at registration (DMARC on at start)
+            side_effect("quarantining the message", self.quarantine, outcome.quarantine)
         return self._answer(outcome)
 
     @_guarded(CONTINUE)

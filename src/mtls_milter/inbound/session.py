@@ -21,15 +21,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import wraps
 from typing import Any, TypeVar
 
+from mtls_milter.config import Config
 from mtls_milter.core.decisions import action_for
+from mtls_milter.core.dmarc_message import DmarcOutcome, our_methods
 from mtls_milter.core.evaluate import Verdict
 from mtls_milter.core.evidence import session_from_macros
 from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
@@ -39,6 +42,12 @@ from mtls_milter.core.quote import clip
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.policy_service import SessionTable
+from mtls_milter.inbound.session_dmarc import (
+    collector_for,
+    combined_action,
+    dmarc_outcome,
+    log_object,
+)
 from mtls_milter.inbound.session_evidence import (
     Transaction,
     in_networks,
@@ -70,6 +79,7 @@ REPLY_REJECT = ("550", "5.7.1")
 REPLY_TEMPFAIL = ("451", "4.7.0")
 
 MacroValues = Mapping[str, str | None]
+Dmarc = DmarcOutcome | None
 
 
 @dataclass
@@ -93,11 +103,13 @@ class HeaderChange:
 @dataclass(frozen=True)
 class Outcome:
     """A transport-neutral answer: ``continue``, ``accept``, ``reject`` or ``tempfail``; for the
-    last two an SMTP reply (code, enhanced code, text); header changes in the order to apply."""
+    last two an SMTP reply (code, enhanced code, text); header changes in the order to apply;
+    ``quarantine``: put the accepted message on hold with this reason (DMARC)."""
 
     action: str = "continue"
     reply: tuple[str, str, str] | None = None
     headers: tuple[HeaderChange, ...] = ()
+    quarantine: str = ""
 
 
 CONTINUE = Outcome()
@@ -162,6 +174,10 @@ class MilterSession:
     def client_addr(self) -> str:
         return self._conn.client_addr
 
+    @property
+    def config(self) -> Config:
+        return self._holder.engine.config
+
     @_guarded(CONTINUE)
     def connect(self, address: str, port: str) -> Outcome:
         """A new SMTP client (address and port empty when the MTA did not say)."""
@@ -196,6 +212,7 @@ class MilterSession:
         parsed = parse_mail_from(sender or "")
         tx.domain = parsed.domain if parsed.kind is SenderKind.DOMAIN else ""
         tx.macro_session = session_from_macros(merged)
+        tx.collector = collector_for(engine.config)
         if merged.get("{auth_type}"):
             tx.skip_reason = "SMTP AUTH session"
             log.info("skip client=%s reason=SMTP AUTH session", conn.client_addr)
@@ -214,8 +231,18 @@ class MilterSession:
 
     @_guarded(CONTINUE)
     def header(self, name: str, value: str) -> Outcome:
-        if self._tx is not None and name.lower() == HEADER_NAME.lower():
-            self._tx.ar_values.append(value)
+        tx = self._tx
+        if tx is not None and name.lower() == HEADER_NAME.lower():
+            tx.ar_values.append(value)
+        if tx is not None and tx.collector is not None:
+            tx.collector.header(name, value)
+        return CONTINUE
+
+    @_guarded(CONTINUE)
+    def body(self, chunk: bytes) -> Outcome:
+        """A body chunk: kept only for DKIM verified here (DMARC)."""
+        if self._tx is not None and self._tx.collector is not None:
+            self._tx.collector.body(chunk)
         return CONTINUE
 
     @_guarded(ACCEPT)
@@ -227,27 +254,32 @@ class MilterSession:
         self._tx = None
         if tx.skip_reason:  # skipped at MAIL FROM (an MTA should not even call us here)
             return ACCEPT
+        started = time.monotonic()
         tx.macros.update({k: v for k, v in macros.items() if v})
         verdict = verdict_for(tx, self._sessions, self._fetcher)
-        action = action_for(verdict, tx.engine.config.policy)
+        mtls_action = action_for(verdict, tx.engine.config.policy)
         dry_run = tx.engine.config.policy.dry_run
+        dmarc = None
+        if tx.collector is not None:  # never raises: an internal error is dmarc=temperror
+            dmarc = dmarc_outcome(tx, tx.collector, verdict, started)
         outcome = ACCEPT
-        if not dry_run and action != "accept":
-            code, xcode = REPLY_REJECT if action == "reject" else REPLY_TEMPFAIL
-            outcome = Outcome(action, (code, xcode, reply_text(verdict)))
+        if not dry_run:
+            outcome = _action_outcome(mtls_action, verdict, dmarc)
         if not dry_run and self.header_actions:
-            headers = _guarded_headers(tx, verdict)
-            outcome = Outcome(outcome.action, outcome.reply, headers)
-        side_effect("logging the verdict", self._log, tx, verdict, action, dry_run)
+            outcome = replace(outcome, headers=_guarded_headers(tx, verdict, dmarc))
+        action = combined_action(mtls_action, dmarc) if not dry_run else mtls_action
+        side_effect("logging the verdict", self._log, tx, verdict, action, dry_run, dmarc)
         return outcome
 
     def eom_may_block(self) -> bool:
         """Whether :meth:`eom` may wait: for the Client MX lookup still running, for a chain
-        fetch (started, or possible since a fingerprint is known), or for the MX fallback's
-        lookup. Otherwise it only computes (a warm cache: the common case)."""
+        fetch (started, or possible since a fingerprint is known), for the MX fallback's
+        lookup, or for DMARC's lookups. Otherwise it only computes (a warm cache)."""
         tx = self._tx
         if tx is None or tx.skip_reason:
             return False
+        if tx.collector is not None:  # DMARC, SPF and DKIM lookups
+            return True
         if tx.prefetch is not None and not tx.prefetch.done():
             return True
         if tx.chain_fetch is not None or tx.engine.config.policy.server_mx_fallback:
@@ -283,8 +315,10 @@ class MilterSession:
         budget = engine.config.dns.budget
         return self._executor.submit(engine.resolver.client_mx, tx.domain, budget)
 
-    def _log(self, tx: Transaction, verdict: Verdict, action: str, dry_run: bool) -> None:
-        record = {
+    def _log(
+        self, tx: Transaction, verdict: Verdict, action: str, dry_run: bool, dmarc: Dmarc
+    ) -> None:
+        record: dict[str, object] = {
             "queue_id": clip(tx.macros.get("i") or ""),
             "client": tx.client_addr,
             "helo": tx.helo[:255],
@@ -299,18 +333,41 @@ class MilterSession:
             "dry_run": dry_run,
             "elapsed_ms": round((time.monotonic() - tx.started) * 1000, 2),
         }
+        if dmarc is not None:
+            record["dmarc"] = log_object(dmarc)
         log.info("verdict %s", json.dumps(record, separators=(",", ":")))
 
 
-def _guarded_headers(tx: Transaction, verdict: Verdict) -> tuple[HeaderChange, ...]:
+def _action_outcome(mtls_action: str, verdict: Verdict, dmarc: DmarcOutcome | None) -> Outcome:
+    """The answer for the decided actions: the mtls reject or tempfail, else DMARC's."""
+    if mtls_action != "accept":
+        code, xcode = REPLY_REJECT if mtls_action == "reject" else REPLY_TEMPFAIL
+        return Outcome(mtls_action, (code, xcode, reply_text(verdict)))
+    action = combined_action(mtls_action, dmarc)
+    if action == "reject" and dmarc is not None:
+        return Outcome("reject", dmarc.decision.reply)
+    if action == "quarantine" and dmarc is not None:
+        return Outcome("accept", quarantine=dmarc.decision.why)
+    return ACCEPT
+
+
+def _guarded_headers(
+    tx: Transaction, verdict: Verdict, dmarc: DmarcOutcome | None = None
+) -> tuple[HeaderChange, ...]:
     """Forged fields to delete (descending, so earlier indexes stay valid), then ours on top."""
     try:
         config = tx.engine.config
-        authserv_id = config.milter.authserv_id or tx.macros.get("j") or _hostname()
+        authserv_id = config.milter.authserv_id or tx.macros.get("j") or socket.gethostname()
         forged = fields_to_delete(
-            tx.ar_values, authserv_id, delete_all_ours=config.milter.delete_all_own_results
+            tx.ar_values,
+            authserv_id,
+            delete_all_ours=config.milter.delete_all_own_results,
+            methods=our_methods(config),
         )
-        value = render_folded(verdict.header_field(authserv_id))
+        ours = verdict.header_field(authserv_id)
+        if dmarc is not None:
+            ours = replace(ours, more=dmarc.methods)
+        value = render_folded(ours)
     except Exception:
         log.exception("rewriting the header fields failed; the decision stands")
         return ()
@@ -338,9 +395,3 @@ def side_effect(what: str, action: Callable[..., object], *args: object) -> None
     except Exception:
         with contextlib.suppress(Exception):  # even a broken log handler must not escape
             log.exception("%s failed; the decision stands", what)
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtls_milter.core.decisions import chain_could_change
+from mtls_milter.core.dmarc_message import MessageCollector
 from mtls_milter.core.evaluate import Result, Verdict
 from mtls_milter.core.evaluate import Transaction as CoreTransaction
 from mtls_milter.core.evidence import (
@@ -58,6 +59,7 @@ class Transaction:
     session: TlsSession | None = None  # decoded once the policy request can have arrived (DATA)
     domain: str = ""  # the MAIL FROM domain when usable, parsed once at MAIL FROM
     macro_session: TlsSession | None = None  # the macros' TLS facts, decoded once at MAIL FROM
+    collector: MessageCollector | None = None  # what DMARC needs; None: [dmarc] is off
 
 
 def verdict_for(
