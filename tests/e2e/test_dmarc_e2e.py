@@ -1,6 +1,7 @@
-"""DMARC end to end (docs/dmarc.md): real Postfix (and Sendmail for the main case) call the real
-``mtls-milter serve`` daemon on the asyncio transport with ``[dmarc] enabled``; DMARC and DKIM
-records live in the in-process test DNS server; DKIM signatures are made here with dkimpy.
+"""DMARC end to end (docs/dmarc.md): real Postfix (and Sendmail for the main cases) call the real
+``mtls-milter serve`` daemon with ``[dmarc] enabled`` (asyncio, the default transport, on both
+MTAs; pymilter on Postfix); DMARC and DKIM records live in the in-process test DNS server; DKIM
+signatures are made here with dkimpy.
 
 Each MTA runs two milters in sequence: first an "upstream" mtls-milter daemon with its own
 authserv-id that verifies DKIM, then ours. That measures whether a milter sees the
@@ -140,19 +141,24 @@ def _harness(kind: str, work: Path, first: MilterDaemon, second: MilterDaemon, p
     )
 
 
-@pytest.fixture(scope="module", params=["postfix", "sendmail"])
+@pytest.fixture(
+    scope="module",
+    params=[("postfix", "asyncio"), ("sendmail", "asyncio"), ("postfix", "pymilter")],
+    ids=["postfix-asyncio", "sendmail-asyncio", "postfix-pymilter"],
+)
 def rig(
     request: pytest.FixtureRequest,
     pki: TestPki,
     zone: TestDnsServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Rig]:
-    kind = request.param
+    kind, transport = request.param
     reason = missing_mta(kind)
     if reason:
         pytest.skip(f"cannot run {kind}: {reason}")
-    work = tmp_path_factory.mktemp(f"dmarc-{kind}")
+    work = tmp_path_factory.mktemp(f"dmarc-{kind}-{transport}")
     base = _config(zone, pki, AUTHSERV_ID)
+    base["milter"]["transport"] = transport  # ours; the upstream milter is always asyncio
     upstream_config = _config(zone, pki, UPSTREAM_ID, spf="off")
     with (
         MilterDaemon(work / "upstream", upstream_config) as upstream,
