@@ -21,8 +21,12 @@ from mtls_milter.errors import StartupError
 from mtls_milter.inbound.asyncio_driver import MilterServer, run
 from mtls_milter.inbound.asyncio_handler import handler_factory, options_for
 from mtls_milter.inbound.chain_fetch import ChainFetcher
-from mtls_milter.inbound.daemon_common import EngineReloader, drop_privileges
-from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
+from mtls_milter.inbound.daemon_common import (
+    EngineReloader,
+    drop_privileges,
+    start_policy_service,
+)
+from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.inbound.session import EngineHolder, MilterSession
 from mtls_milter.runtime.sdnotify import notify
 
@@ -57,7 +61,7 @@ class AsyncioDaemon:
 
     async def main(self) -> int:
         config = self._holder.engine.config
-        self._start_policy_service(config)
+        self._policy = start_policy_service(config, self._sessions)
         server = self._server(config)
         try:
             await server.start()
@@ -97,18 +101,6 @@ class AsyncioDaemon:
         mode = int(config.milter.socket_mode, 8)
         options = lambda: options_for(holder.engine.config)  # noqa: E731 (after a reload too)
         return MilterServer(config.milter.socket, factory, options, socket_mode=mode)
-
-    def _start_policy_service(self, config: Config) -> None:
-        spec = config.policy_service.socket
-        if not spec:
-            return
-        service = PolicyService(spec, self._sessions, config.policy_service.socket_mode)
-        thread = PolicyServiceThread(service)
-        try:
-            thread.start()
-        except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot listen on [policy_service] socket {spec}: {exc}") from None
-        self._policy = thread
 
     def _on_reload(self, signum: int) -> None:
         name = signal.Signals(signum).name

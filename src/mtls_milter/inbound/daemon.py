@@ -53,9 +53,10 @@ from mtls_milter.inbound.daemon_common import (
     EngineReloader,
     build_engine,
     drop_privileges,
+    start_policy_service,
 )
 from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
-from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
+from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.runtime.logsetup import configure_logging
 from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
@@ -126,7 +127,9 @@ class Daemon:
         engine = engine or build_engine(config_path)
         daemon = cls(config_path, engine)
         daemon._install_signals()
-        daemon._start_policy_service(engine.config)
+        daemon._policy = start_policy_service(
+            engine.config, daemon._sessions, masked=signals_blocked
+        )
         daemon._listen(engine.config)
         daemon._thread = threading.Thread(target=daemon._serve, name="libmilter", daemon=True)
         start_with_signals_blocked(daemon._thread)
@@ -139,20 +142,6 @@ class Daemon:
             "; ".join(engine.trust_sources),
         )
         return daemon
-
-    def _start_policy_service(self, config: Config) -> None:
-        """Serve Postfix's policy delegation (in its own thread) when configured."""
-        spec = config.policy_service.socket
-        if not spec:
-            return
-        service = PolicyService(spec, self._sessions, config.policy_service.socket_mode)
-        thread = PolicyServiceThread(service)
-        try:
-            with signals_blocked():  # its thread (and the threads it starts) inherit the mask
-                thread.start()
-        except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot listen on [policy_service] socket {spec}: {exc}") from None
-        self._policy = thread
 
     def _listen(self, config: Config) -> None:
         spec = config.milter.socket

@@ -8,17 +8,21 @@ sender into ``temperror``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import grp
 import logging
 import os
 import pwd
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from mtls_milter.config import Config, ConfigError, DnsConfig, load_config
 from mtls_milter.core.certs import CertificateInputError
 from mtls_milter.engine import Engine
 from mtls_milter.errors import StartupError
+from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
 from mtls_milter.inbound.session import EngineHolder
 from mtls_milter.runtime.sdnotify import notify
 
@@ -110,3 +114,24 @@ def drop_privileges(config: Config, spec: str) -> None:
     os.setgid(gid)
     os.setuid(entry.pw_uid)
     log.info("dropped privileges to %s:%s", user, group or gid)
+
+
+def start_policy_service(
+    config: Config,
+    sessions: SessionTable,
+    *,
+    masked: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+) -> PolicyServiceThread | None:
+    """Serve Postfix's policy delegation in its own thread when ``[policy_service] socket`` is
+    set. The thread starts inside ``masked()`` (the pymilter daemon blocks its signals there, so
+    the thread inherits the mask)."""
+    spec = config.policy_service.socket
+    if not spec:
+        return None
+    thread = PolicyServiceThread(PolicyService(spec, sessions, config.policy_service.socket_mode))
+    try:
+        with masked():
+            thread.start()
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot listen on [policy_service] socket {spec}: {exc}") from None
+    return thread
