@@ -107,3 +107,14 @@ def test_our_field_with_dmarc_results_always_parses(
     parsed = authres.AuthenticationResultsHeader.parse_value(value)
     assert [str(r.method) for r in parsed.results] == ["mtls", "spf", "dkim", "dmarc"]
     assert str(parsed.results[-1].result) == result
+
+
+def test_an_empty_dkim_domain_is_left_out_of_our_field() -> None:
+    """A signature whose d= is only blanks or control characters: authres could not parse
+    ``header.d="" header.s=":"``, so an empty value is not written."""
+    field = MtlsField(
+        "mx.example.net", "fail", more=(identifier_method(Identifier("dkim", "fail", "\r", ":")),)
+    )
+    value = render_value(field)
+    assert value == 'mx.example.net; mtls=fail; dkim=fail header.s=":"'
+    authres.AuthenticationResultsHeader.parse_value(value)

@@ -217,7 +217,9 @@ def _tokens(field: MtlsField) -> list[str]:
         tokens[-1] += ";"
         tokens.append(f"{more.method}={more.result}")
         _add_comment(tokens, (more.comment,))
-        tokens.extend(f"{name}={_render_pvalue(value)}" for name, value in more.properties if value)
+        rendered = ((name, _render_pvalue(value)) for name, value in more.properties)
+        # An empty value is left out: authres cannot parse header.d="" before another property.
+        tokens.extend(f"{name}={value}" for name, value in rendered if value != '""')
     return tokens
 
 
