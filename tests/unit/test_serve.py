@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +140,22 @@ def test_a_thread_started_with_signals_blocked_inherits_the_mask() -> None:
     thread.join()
     assert set(serve.DAEMON_SIGNALS) <= seen[0]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # restored here
+
+
+@pytest.mark.parametrize("transport", ["pymilter", "asyncio"])
+def test_a_socket_that_cannot_be_opened_is_named_with_the_os_reason(
+    tmp_path: Path, transport: str
+) -> None:
+    """libmilter itself only says "cannot opensocket"; the operator needs the OS's reason."""
+    config = tmp_path / "mtls-milter.toml"
+    missing = tmp_path / "no-such-dir" / "milter.sock"
+    config.write_text(f'[milter]\nsocket = "unix:{missing}"\ntransport = "{transport}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "mtls_milter", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert f"cannot listen on unix:{missing}: [Errno 2] No such file or directory" in done.stderr

@@ -38,6 +38,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -60,6 +61,11 @@ from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.runtime.logsetup import configure_logging
 from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
+from mtls_milter.runtime.stream_service import (
+    parse_listen_spec,
+    tcp_listener_sockets,
+    unix_listener_socket,
+)
 
 log = logging.getLogger("mtls_milter")
 
@@ -154,8 +160,8 @@ class Daemon:
         milter.settimeout(MILTER_TIMEOUT)
         try:
             milter.opensocket(True)
-        except milter.error as exc:
-            raise StartupError(f"cannot listen on {spec}: {exc}") from None
+        except milter.error:
+            raise StartupError(f"cannot listen on {spec}: {_os_reason(spec)}") from None
         if spec.startswith(("unix:", "local:")):
             os.chmod(spec.split(":", 1)[1], int(config.milter.socket_mode, 8))
         else:
@@ -266,6 +272,22 @@ def signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _os_reason(spec: str) -> str:
+    """Why libmilter could not listen on ``spec``, in the OS's words: libmilter only says
+    "cannot opensocket". Binds the same address once (and lets go at once) to learn it."""
+    try:
+        kind, where, host = parse_listen_spec(spec)
+        if kind == "unix":
+            unix_listener_socket(Path(str(where)), 0o600).close()
+            Path(str(where)).unlink(missing_ok=True)
+        else:
+            for sock in tcp_listener_sockets(host, int(where)):
+                sock.close()
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return "cannot opensocket"
 
 
 def start_with_signals_blocked(thread: threading.Thread) -> None:
