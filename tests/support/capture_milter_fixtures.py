@@ -49,15 +49,13 @@ POSTFIX_MACROS = {
 
 
 def _settle(proxy: CaptureProxy, before: int, timeout: float = 10.0) -> list[Conversation]:
-    """Wait until the MTA closed the new milter connections (the last chunk is recorded)."""
+    """Wait until the MTA closed the new milter connections (every chunk is recorded)."""
     deadline = time.monotonic() + timeout
-    last = -1
     while time.monotonic() < deadline:
-        total = sum(len(c.chunks) for c in proxy.conversations[before:])
-        if total == last and total:
+        new = proxy.conversations[before:]
+        if new and all(c.ended for c in new):
             break
-        last = total
-        time.sleep(0.5)
+        time.sleep(0.1)
     return proxy.conversations[before:]
 
 

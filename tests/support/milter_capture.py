@@ -32,6 +32,11 @@ class Conversation:
     """One milter connection: the chunks forwarded, in order, with their direction."""
 
     chunks: list[tuple[str, bytes]] = field(default_factory=list)
+    directions_ended: int = 0  # 2 once both sides closed (the proxy then closes its sockets)
+
+    @property
+    def ended(self) -> bool:
+        return self.directions_ended >= 2
 
     def stream(self, direction: str) -> bytes:
         """Every byte sent in one direction (``">"`` MTA to milter, ``"<"`` milter to MTA)."""
@@ -83,7 +88,11 @@ class CaptureProxy:
                 mta, _ = self._listener.accept()
             except OSError:
                 return
-            milter = socket.create_connection(self.upstream, timeout=30)
+            try:
+                milter = socket.create_connection(self.upstream, timeout=30)
+            except OSError:  # the milter is down: the MTA sees the connection close
+                mta.close()
+                continue
             for sock in (mta, milter):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.settimeout(None)
@@ -110,6 +119,12 @@ class CaptureProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
+            with self._lock:
+                conv.directions_ended += 1
+                both = conv.ended
+            if both:
+                src.close()
+                dst.close()
 
 
 def write_capture(path: Path, conversations: list[Conversation], comment: str = "") -> None:

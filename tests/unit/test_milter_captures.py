@@ -12,142 +12,26 @@ event and the header fields are checked against what the capture holds.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.milter_capture import TO_MILTER, TO_MTA, read_capture
+from support.milter_capture import TO_MTA, read_capture
+from support.milter_replay import Replayed, frames, replay_conversation
 
 from mtls_milter.inbound import events as ev
-from mtls_milter.inbound.negotiation import MilterOptions
-from mtls_milter.inbound.protocol import MilterConnection
-from mtls_milter.inbound.replies import (
-    Action,
-    AddHeader,
-    ChangeHeader,
-    InsertHeader,
-    Modification,
-    Quarantine,
-    Reply,
-    SmtpReply,
-)
-from mtls_milter.inbound.wire import (
-    INTERNAL_FLAGS,
-    MAX_DATA_SIZE_1M,
-    MAX_DATA_SIZE_64K,
-    MAX_DATA_SIZE_256K,
-    ActionFlag,
-    ProtocolFlag,
-    Stage,
-)
+from mtls_milter.inbound.wire import Stage
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "milter"
 CAPTURES = sorted(p.stem for p in DATA.glob("*.hex"))
 ASYNCIO = DATA / "asyncio"  # the same cases with ``mtls-milter serve`` on the asyncio transport
 READ_SIZES = (1, 7, 4096, 0)  # 0: the whole stream at once
-FINAL = {ord(a.value) if isinstance(a.value, str) else a.value: a for a in Action}
-
-
-def frames(data: bytes) -> list[tuple[bytes, bytes]]:
-    """(command byte, payload) of every frame in ``data``, which must hold whole frames."""
-    out = []
-    while data:
-        (length,) = struct.unpack(">I", data[:4])
-        assert 1 <= length <= len(data) - 4, f"truncated frame in capture: {data[:16]!r}"
-        out.append((data[4:5], data[5 : 4 + length]))
-        data = data[4 + length :]
-    return out
-
-
-def options_from_reply(payload: bytes) -> MilterOptions:
-    """The MilterOptions that make the core answer option negotiation as libmilter did."""
-    _version, actions, protocol = struct.unpack(">III", payload[:12])
-    macros: dict[Stage, list[str]] = {}
-    rest = payload[12:]
-    while rest:
-        (stage,) = struct.unpack(">I", rest[:4])
-        names, _, rest = rest[4:].partition(b"\0")
-        macros[Stage(stage)] = names.decode("ascii").split(" ")
-    size = MAX_DATA_SIZE_64K
-    if protocol & ProtocolFlag.MDS_1M:
-        size = MAX_DATA_SIZE_1M
-    elif protocol & ProtocolFlag.MDS_256K:
-        size = MAX_DATA_SIZE_256K
-    return MilterOptions(
-        actions=actions & ~ActionFlag.SETSYMLIST,
-        protocol=protocol & ~INTERNAL_FLAGS,
-        macros=macros,
-        max_data_size=size,
-    )
-
-
-def _modification(command: bytes, payload: bytes) -> Modification:
-    if command == b"q":
-        return Quarantine(payload.rstrip(b"\0"))
-    index = None
-    if command in (b"i", b"m"):
-        (index,) = struct.unpack(">I", payload[:4])
-        payload = payload[4:]
-    name, value = payload.split(b"\0")[:2]
-    if command == b"h":
-        return AddHeader(name, value)
-    assert index is not None
-    return InsertHeader(index, name, value) if command == b"i" else ChangeHeader(name, index, value)
-
-
-def recorded_answers(replies: list[tuple[bytes, bytes]]) -> list[Reply]:
-    """libmilter's answers after option negotiation, one Reply per answered command."""
-    answers: list[Reply] = []
-    pending: list[Modification] = []
-    for command, payload in replies:
-        if command == b"y":
-            smtp = payload.rstrip(b"\0").decode("ascii")
-            code, _, text = smtp.partition(" ")
-            action = Action.REJECT if code.startswith("5") else Action.TEMPFAIL
-            answers.append(Reply(action, SmtpReply.of(code, None, text), tuple(pending)))
-            pending = []
-        elif command in (b"h", b"i", b"m", b"q"):
-            pending.append(_modification(command, payload))
-        else:
-            answers.append(Reply(Action(command[0]), None, tuple(pending)))
-            pending = []
-    assert not pending, "modifications without a final answer in the capture"
-    return answers
-
-
-@dataclass
-class Replayed:
-    events: list[ev.Event]
-    output: bytes
-    answered: int
 
 
 def replay(name: str, size: int, data: Path = DATA) -> tuple[Replayed, bytes, int]:
     """Replay capture ``name``: (what the core did, the milter's bytes, its answer count)."""
     (conversation,) = read_capture(data / f"{name}.hex")
-    stream, recorded = conversation.stream(TO_MILTER), conversation.stream(TO_MTA)
-    replies = frames(recorded)
-    assert replies[0][0] == b"O"
-    answers = recorded_answers(replies[1:])
-    core = MilterConnection(options_from_reply(replies[0][1]), peer="capture")
-    result = Replayed([], b"", 0)
-    queue = iter(answers)
-
-    def drain() -> None:
-        while (event := core.next_event()) is not None:
-            result.events.append(event)
-            if event.needs_reply:
-                core.send_reply(next(queue))
-                result.answered += 1
-        result.output += core.data_to_send()
-
-    step = size or len(stream)
-    for start in range(0, len(stream), step):
-        core.receive_data(stream[start : start + step])
-        drain()
-    core.receive_data(b"")
-    drain()
-    return result, recorded, len(answers)
+    result = replay_conversation(conversation, size)
+    return result, result.recorded, result.recorded_answers
 
 
 def summary(event: ev.Event) -> tuple[object, ...]:
