@@ -168,9 +168,13 @@ def rig(
         yield Rig(kind, mta, ours, upstream, pki, base)
 
 
-def postfix_only(rig: Rig) -> None:
-    if rig.kind != "postfix":
-        pytest.skip("one MTA is enough for this case (the milter code is the same)")
+# One MTA is enough for these cases (the milter code is the same): Postfix, on both transports.
+postfix_only = pytest.mark.parametrize(
+    "rig",
+    [("postfix", "asyncio"), ("postfix", "pymilter")],
+    ids=["postfix-asyncio", "postfix-pymilter"],
+    indirect=True,
+)
 
 
 def test_mtls_pass_alone_passes_dmarc(rig: Rig) -> None:
@@ -191,8 +195,8 @@ def test_earlier_milter_field_is_visible(rig: Rig) -> None:
     assert got.endswith("; dmarc=pass (p=reject; aligned=dkim) header.from=signer.test"), got
 
 
+@postfix_only
 def test_certificate_mismatch_fails_and_enforce_rejects(rig: Rig) -> None:
-    postfix_only(rig)
     raw = message("someone@sender.test", "mismatch")
     got = rig.ours_field(raw, "someone@sender.test", leaf="other-host")
     assert "; dmarc=fail (p=reject" in got and got.endswith("header.from=sender.test"), got
@@ -207,8 +211,8 @@ def test_certificate_mismatch_fails_and_enforce_rejects(rig: Rig) -> None:
     assert outcome.data.text.startswith("5.7.1 DMARC policy of sender.test rejects"), outcome
 
 
+@postfix_only
 def test_quarantine_puts_the_message_on_hold(rig: Rig) -> None:
-    postfix_only(rig)
     assert isinstance(rig.mta, PostfixHarness)
     hold = rig.mta.queue_dir / "hold"
     before = set(hold.iterdir()) if hold.exists() else set()
@@ -225,16 +229,16 @@ def test_quarantine_puts_the_message_on_hold(rig: Rig) -> None:
     assert set(hold.iterdir()) - before, rig.logs()
 
 
+@postfix_only
 def test_dkim_signed_message_passes_without_mtls(rig: Rig) -> None:
-    postfix_only(rig)
     raw = message("bob@signer.test", "dkim-signed", sign=True)
     got = rig.ours_field(raw, "bob@signer.test", leaf=None)
     assert "; dkim=pass header.d=signer.test header.s=s1;" in got, got
     assert got.endswith("; dmarc=pass (p=reject; aligned=dkim) header.from=signer.test"), got
 
 
+@postfix_only
 def test_trusted_results_from_a_trusted_and_an_untrusted_id(rig: Rig) -> None:
-    postfix_only(rig)
     rig.reconfigure(dkim="trusted-results", trusted_authserv_ids=[UPSTREAM_ID, RELAY_ID])
     try:
         trusted = f"Authentication-Results: {RELAY_ID}; dkim=pass header.d=signer.test"
