@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import smtplib
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -74,6 +76,20 @@ def _send(port: int, pki: TestPki, *, tls: bool) -> None:
         raise RuntimeError(f"message not accepted: {outcome}")
 
 
+def _send_two(port: int, pki: TestPki) -> None:
+    """Two messages in one SMTP session after STARTTLS (one milter connection for both)."""
+    leaf = pki.leaves["client"]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(str(leaf.chain_path), str(leaf.key_path))
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="out.sender.test", timeout=30) as smtp:
+        smtp.starttls(context=context)
+        for number in (1, 2):
+            message = MESSAGE.replace(b"Subject: capture", b"Subject: capture %d" % number)
+            smtp.sendmail("someone@sender.test", ["someone@receiver.test"], message)
+
+
 def _capture(
     name: str, proxy: CaptureProxy, out: Path, comment: str, run: Callable[[], None]
 ) -> None:
@@ -108,6 +124,9 @@ def _capture_all(
         ):
             send = partial(_send, postfix.port, pki, tls=with_tls)
             _capture(name, proxy, out, f"Postfix 3.7, {what}; {note}", send)
+        comment = f"Postfix 3.7, STARTTLS + client certificate, two messages; {note}"
+        send = partial(_send_two, postfix.port, pki)
+        _capture("postfix37-tls-two-messages", proxy, out, comment, send)
     sendmail = SendmailHarness(
         work / "sendmail", milter_socket=proxy.sendmail_socket, tls=tls, milter_flags=""
     )

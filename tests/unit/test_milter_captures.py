@@ -66,6 +66,13 @@ ENVELOPE = [
 ]
 END = [("EndOfHeaders",), ("EndOfMessage",)]
 
+
+def numbered_message(number: bytes) -> list[tuple[object, ...]]:
+    """The events of message ``number`` of two in one session (Subject: capture N)."""
+    fields = [h if h[1] != b"Subject" else (*h[:2], b"capture " + number) for h in HEADERS]
+    return [("MailFrom", b"<someone@sender.test>", (b"size=223",)), ("Data",), *fields, *END]
+
+
 EXPECTED_EVENTS: dict[str, list[tuple[object, ...]]] = {
     # Postfix sends HELO again after STARTTLS, with an ABORT between (no transaction: dropped),
     # and two ABORTs after the accepted message before QUIT (dropped as libmilter drops them).
@@ -77,6 +84,17 @@ EXPECTED_EVENTS: dict[str, list[tuple[object, ...]]] = {
         *ENVELOPE,
         *HEADERS,
         *END,
+        ("Quit",),
+        ("ConnectionClosed", "quit", False),
+    ],
+    # One SMTP session, two messages: one milter connection; the ABORT after each accepted
+    # message is dropped (no transaction), MAIL FROM carries Postfix's SIZE parameter.
+    "postfix37-tls-two-messages": [
+        NEGOTIATED,
+        ("Connect", b"[127.0.0.1]", "4", b"127.0.0.1"),
+        ("Helo", b"out.sender.test"),
+        ("Helo", b"out.sender.test"),
+        *[event for number in (b"1", b"2") for event in numbered_message(number)],
         ("Quit",),
         ("ConnectionClosed", "quit", False),
     ],
@@ -146,6 +164,14 @@ EXPECTED_MACROS: dict[str, list[tuple[str, int, dict[str, bytes | None]]]] = {
         ("Header", 5, {"i": b"E211621016F", **TLS}),
         ("EndOfHeaders", 0, {"i": b"E211621016F"}),
         ("EndOfMessage", 0, {"i": b"E211621016F", **TLS, "{rcpt_mailer}": b"smtp"}),
+    ],
+    "postfix37-tls-two-messages": [
+        ("EndOfMessage", 0, {"i": b"AA2D121086F", **TLS}),
+        # the second MAIL clears the first message's RCPT, DATA, EOH and EOM macros
+        ("MailFrom", 1, {"i": None, "{rcpt_addr}": None, **TLS, **POSTFIX_CONNECT}),
+        ("Data", 1, {"i": b"AD1E0210870", "{rcpt_addr}": b"someone@receiver.test"}),
+        ("Header", 11, {"i": b"AD1E0210870"}),
+        ("EndOfMessage", 1, {"i": b"AD1E0210870", **TLS}),
     ],
     "postfix37-plain": [
         ("Helo", 0, {**NO_TLS, "j": b"mx.receiver.test"}),
