@@ -22,6 +22,7 @@ from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
 from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
+from mtls_milter.inbound.session import MilterSession
 from mtls_milter.net.starttls import StartTlsResult
 
 CLIENT = ("93.184.216.34", 41000)  # global: fetching is allowed
@@ -124,10 +125,12 @@ class Rig:
         fetcher = ChainFetcher(fetch=host, ehlo_name="mx.receiver.test")
         ctx = Ctx()
         milter = MtlsMilter(
-            EngineHolder(self.engine(**chain_fetch)),
-            self.executor,
-            sessions=self.sessions,
-            fetcher=fetcher,
+            MilterSession(
+                EngineHolder(self.engine(**chain_fetch)),
+                self.executor,
+                sessions=self.sessions,
+                fetcher=fetcher,
+            )
         )
         milter._setctx(ctx)
         if earlier_fp:

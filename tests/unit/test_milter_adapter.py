@@ -168,7 +168,7 @@ class Conversation:
 
     def __init__(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
         self.ctx = FakeCtx()
-        self.milter = MtlsMilter(EngineHolder(engine), executor)
+        self.milter = MtlsMilter(MilterSession(EngineHolder(engine), executor))
         self.milter._setctx(self.ctx)
 
     def negotiate(self) -> int:

@@ -58,6 +58,7 @@ from mtls_milter.inbound.daemon_common import (
 )
 from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
 from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
+from mtls_milter.inbound.session import MilterSession
 from mtls_milter.runtime.logsetup import configure_logging
 from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
@@ -154,7 +155,9 @@ class Daemon:
         holder, executor = self._holder, self._executor
         sessions = self._sessions if config.policy_service.socket else None
         fetcher = self._fetcher
-        Milter.factory = lambda: MtlsMilter(holder, executor, sessions=sessions, fetcher=fetcher)
+        Milter.factory = lambda: MtlsMilter(
+            MilterSession(holder, executor, sessions=sessions, fetcher=fetcher)
+        )
         _register_callbacks(config)
         milter.setconn(spec)
         milter.settimeout(MILTER_TIMEOUT)

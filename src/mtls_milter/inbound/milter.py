@@ -9,16 +9,12 @@ taken as not sent. Every callback is guarded: an exception never reaches libmilt
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from concurrent.futures import Executor
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import Milter
 
 from mtls_milter.core.quote import quote
-from mtls_milter.inbound.chain_fetch import ChainFetcher
-from mtls_milter.inbound.policy_service import SessionTable
+from mtls_milter.inbound.guard import guarded
 from mtls_milter.inbound.session import (
     ENVFROM_MACROS,
     EOM_MACROS,
@@ -48,40 +44,14 @@ QUARANTINE: int = Milter.QUARANTINE
 P_NOBODY: int = Milter.P_NOBODY
 _CODES = {"continue": CONTINUE, "accept": ACCEPT, "reject": REJECT, "tempfail": TEMPFAIL}
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _guarded(fallback: int) -> Callable[[_F], _F]:
-    """Log any exception from a callback and answer ``fallback`` instead of raising."""
-
-    def decorate(method: _F) -> _F:
-        @wraps(method)
-        def wrapper(self: MtlsMilter, *args: Any) -> Any:
-            try:
-                return method(self, *args)
-            except Exception:
-                log.exception("internal error in %s; answering %s", method.__name__, fallback)
-                return fallback
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
 
 class MtlsMilter(Milter.Base):  # type: ignore[misc]
     """One instance per SMTP connection (pymilter's factory creates it)."""
 
-    def __init__(
-        self,
-        holder: EngineHolder,
-        executor: Executor,
-        *,
-        sessions: SessionTable | None = None,
-        fetcher: ChainFetcher | None = None,
-    ) -> None:
-        self.session = MilterSession(holder, executor, sessions=sessions, fetcher=fetcher)
+    def __init__(self, session: MilterSession) -> None:
+        self.session = session
 
-    @_guarded(ALL_OPTS)
+    @guarded(ALL_OPTS)
     def negotiate(self, opts: list[int]) -> int:
         mta_protocol = int(opts[1])
         status: int = super().negotiate(opts)
@@ -119,32 +89,32 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             self._ctx.setsymlist(stage, " ".join(names))
         return status
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         address = port = ""
         if isinstance(hostaddr, tuple) and len(hostaddr) >= 2:
             address, port = str(hostaddr[0]), str(hostaddr[1])
         return self._answer(self.session.connect(address, port))
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def hello(self, heloname: str) -> int:
         return self._answer(self.session.helo(heloname or "", self._read_macros(HELO_MACROS)))
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def envfrom_bytes(self, *args: bytes) -> int:
         mailfrom, *params = (_text(arg) for arg in args) if args else ("",)
         return self.envfrom(mailfrom, *params)
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def header_bytes(self, name: str, value: bytes) -> int:
         return self.header(name, _text(value))
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def envfrom(self, mailfrom: str, *params: str) -> int:
         macros = self._read_macros(ENVFROM_MACROS)
         return self._answer(self.session.mail(mailfrom or "", macros))
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def data(self) -> int:
         # Not a no-op: without this callback pymilter negotiates SMFIP_NODATA, and Postfix then
         # sends the DATA macros with no command after them. The milter never answers that
@@ -154,15 +124,15 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         # negotiated, the milter's reply acknowledges it at once.
         return self._answer(self.session.data())
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def header(self, name: str, value: str) -> int:
         return self._answer(self.session.header(name, value))
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def body(self, chunk: bytes) -> int:
         return self._answer(self.session.body(bytes(chunk)))
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def eoh(self) -> int:
         # Not a no-op either: without this callback pymilter negotiates SMFIP_NOEOH, and then
         # libmilter drops the end of a message that had no header field at all (DATA straight to
@@ -170,7 +140,7 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         # delivers the message without our field. With end of headers negotiated it does not.
         return CONTINUE
 
-    @_guarded(ACCEPT)
+    @guarded(ACCEPT)
     def eom(self) -> int:
         outcome = self.session.eom(self._read_macros(EOM_MACROS))
         if outcome.reply is not None:
@@ -182,11 +152,11 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
             side_effect("quarantining the message", self.quarantine, outcome.quarantine)
         return self._answer(outcome)
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def abort(self) -> int:
         return self._answer(self.session.abort())
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def close(self) -> int:
         return self._answer(self.session.close())
 

@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
-from functools import wraps
-from typing import Any, TypeVar
 
 from mtls_milter.config import Config
 from mtls_milter.core.decisions import action_for
@@ -41,6 +39,7 @@ from mtls_milter.core.names import SenderKind, parse_mail_from
 from mtls_milter.core.quote import clip
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher
+from mtls_milter.inbound.guard import guarded
 from mtls_milter.inbound.policy_service import SessionTable
 from mtls_milter.inbound.session_dmarc import (
     collector_for,
@@ -127,28 +126,6 @@ class _Connection:
     helo_macros: dict[str, str | None] = field(default_factory=dict)
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _guarded(fallback: Outcome) -> Callable[[_F], _F]:
-    """Log any exception from a step and answer ``fallback`` instead of raising."""
-
-    def decorate(method: _F) -> _F:
-        @wraps(method)
-        def wrapper(self: MilterSession, *args: Any) -> Any:
-            try:
-                return method(self, *args)
-            except Exception:
-                log.exception(
-                    "internal error in %s; answering %s", method.__name__, fallback.action
-                )
-                return fallback
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
 class MilterSession:
     """One MTA connection's decisions, whatever the transport."""
 
@@ -178,7 +155,7 @@ class MilterSession:
     def config(self) -> Config:
         return self._holder.engine.config
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def connect(self, address: str, port: str) -> Outcome:
         """A new SMTP client (address and port empty when the MTA did not say)."""
         self._conn = _Connection(client_addr=address or "", client_port=port or "")
@@ -190,13 +167,13 @@ class MilterSession:
             return ACCEPT
         return CONTINUE
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def helo(self, name: str, macros: MacroValues) -> Outcome:
         self._conn.helo = name or ""
         self._conn.helo_macros = dict(macros)
         return CONTINUE
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def mail(self, sender: str, macros: MacroValues) -> Outcome:
         """MAIL FROM: a new transaction; the Client MX lookup starts here."""
         self._tx = None
@@ -221,7 +198,7 @@ class MilterSession:
         start_chain_fetch(tx, self._sessions, self._fetcher, wait_for_dns=False)  # Sendmail
         return CONTINUE
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def data(self) -> Outcome:
         # Postfix's policy request (the fingerprint) arrives at RCPT: after MAIL FROM, before DATA.
         if self._tx is not None and not self._tx.skip_reason:
@@ -229,7 +206,7 @@ class MilterSession:
             start_chain_fetch(self._tx, self._sessions, self._fetcher, wait_for_dns=False)
         return CONTINUE
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def header(self, name: str, value: str) -> Outcome:
         tx = self._tx
         if tx is not None and name.lower() == HEADER_NAME.lower():
@@ -238,14 +215,14 @@ class MilterSession:
             tx.collector.header(name, value)
         return CONTINUE
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def body(self, chunk: bytes) -> Outcome:
         """A body chunk: kept only for DKIM verified here (DMARC)."""
         if self._tx is not None and self._tx.collector is not None:
             self._tx.collector.body(chunk)
         return CONTINUE
 
-    @_guarded(ACCEPT)
+    @guarded(ACCEPT)
     def eom(self, macros: MacroValues) -> Outcome:
         """Decide, then the outcome, then log. May block (DNS, chain fetch)."""
         tx = self._tx
@@ -289,12 +266,12 @@ class MilterSession:
         session = tls_session(tx, self._sessions)
         return bool(session.fingerprint or session.fingerprint_md5)
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def abort(self) -> Outcome:
         self._tx = None
         return CONTINUE
 
-    @_guarded(CONTINUE)
+    @guarded(CONTINUE)
     def close(self) -> Outcome:
         self._tx = None
         return CONTINUE
