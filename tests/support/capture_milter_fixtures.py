@@ -12,8 +12,10 @@ in front of it and sends one message per case through real Postfix / Sendmail (a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from support.dnsserver import TestDnsServer
 from support.milter_capture import CaptureProxy, Conversation, write_capture
 from support.mta import MtaTls, PostfixHarness, SendmailHarness, send_message
 from support.pki import TestPki, build_test_pki
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "tests" / "data" / "milter"
@@ -88,6 +91,54 @@ def _send_two(port: int, pki: TestPki) -> None:
         for number in (1, 2):
             message = MESSAGE.replace(b"Subject: capture", b"Subject: capture %d" % number)
             smtp.sendmail("someone@sender.test", ["someone@receiver.test"], message)
+
+
+def _send_full(port: int) -> None:
+    """An unknown command, a refused and an accepted recipient, a message with a body."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="out.sender.test", timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.docmd("XYZZY")
+        smtp.mail("someone@sender.test")
+        code, text = smtp.rcpt("reject@receiver.test")
+        if code != 550 or b"by the full milter" not in text:
+            raise RuntimeError(f"RCPT reject@: {code} {text!r}")
+        smtp.rcpt("someone@receiver.test")
+        smtp.data(MESSAGE)
+
+
+def _full_milter(port: int) -> subprocess.Popen[bytes]:
+    script = Path(__file__).with_name("full_milter.py")
+    proc = subprocess.Popen([sys.executable, str(script), f"inet:{port}@127.0.0.1"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("full_milter.py did not start")
+
+
+def _capture_full(tls: MtaTls, out: Path, work: Path) -> None:
+    """Postfix against tests/support/full_milter.py: every step, every kind of answer."""
+    port = free_port()
+    milter = _full_milter(port)
+    try:
+        with (
+            CaptureProxy(("127.0.0.1", port)) as proxy,
+            PostfixHarness(
+                work / "postfix-full", milter_socket=proxy.postfix_socket, tls=tls
+            ) as postfix,
+        ):
+            comment = (
+                "Postfix 3.7, no TLS, against tests/support/full_milter.py (pymilter: every step,"
+                "\nRCPT refused with a two-line reply, body, unknown command, header add/insert/"
+                "\nchange/delete, quarantine)"
+            )
+            send = partial(_send_full, postfix.port)
+            _capture("postfix37-full-libmilter", proxy, out, comment, send)
+    finally:
+        milter.terminate()
+        milter.wait(10)
 
 
 def _capture(
@@ -162,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             CaptureProxy(("127.0.0.1", daemon.port)) as proxy,
         ):
             _capture_all(proxy, pki, tls, out, work, note)
+    if args.transport == "pymilter":
+        _capture_full(tls, out, work)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -7,6 +7,7 @@ every event as the recorded milter did, its bytes must equal the recorded ones.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -28,11 +29,12 @@ from mtls_milter.inbound.wire import (
     MAX_DATA_SIZE_1M,
     MAX_DATA_SIZE_64K,
     MAX_DATA_SIZE_256K,
-    ActionFlag,
     ProtocolFlag,
     Stage,
 )
 from support.milter_capture import TO_MILTER, TO_MTA, Conversation
+
+_XCODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 __all__ = ["Replayed", "frames", "options_from_reply", "recorded_answers", "replay_conversation"]
 
@@ -63,7 +65,7 @@ def options_from_reply(payload: bytes) -> MilterOptions:
     elif protocol & ProtocolFlag.MDS_256K:
         size = MAX_DATA_SIZE_256K
     return MilterOptions(
-        actions=actions & ~ActionFlag.SETSYMLIST,
+        actions=actions,  # SETSYMLIST too: pymilter announces it even without lists
         protocol=protocol & ~INTERNAL_FLAGS,
         macros=macros,
         max_data_size=size,
@@ -84,16 +86,28 @@ def _modification(command: bytes, payload: bytes) -> Modification:
     return InsertHeader(index, name, value) if command == b"i" else ChangeHeader(name, index, value)
 
 
+def smtp_reply(payload: bytes) -> SmtpReply:
+    """A SMFIR_REPLYCODE payload as ``smfi_setreply``/``smfi_setmlreply`` built it."""
+    rows = payload.rstrip(b"\0").decode("ascii").split("\r\n")
+    code, xcode, lines = rows[0][:3], None, []
+    for row in rows:
+        rest = row[4:]
+        first, _, text = rest.partition(" ")
+        if _XCODE.fullmatch(first):
+            xcode, rest = first, text
+        lines.append(rest)
+    return SmtpReply(code, xcode, tuple(line for line in lines if line))
+
+
 def recorded_answers(replies: list[tuple[bytes, bytes]]) -> list[Reply]:
     """libmilter's answers after option negotiation, one Reply per answered command."""
     answers: list[Reply] = []
     pending: list[Modification] = []
     for command, payload in replies:
         if command == b"y":
-            smtp = payload.rstrip(b"\0").decode("ascii")
-            code, _, text = smtp.partition(" ")
-            action = Action.REJECT if code.startswith("5") else Action.TEMPFAIL
-            answers.append(Reply(action, SmtpReply.of(code, None, text), tuple(pending)))
+            smtp = smtp_reply(payload)
+            action = Action.REJECT if smtp.code.startswith("5") else Action.TEMPFAIL
+            answers.append(Reply(action, smtp, tuple(pending)))
             pending = []
         elif command in (b"h", b"i", b"m", b"q"):
             pending.append(_modification(command, payload))
