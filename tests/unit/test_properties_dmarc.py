@@ -10,6 +10,7 @@ from mtls_milter.core.author import MAX_DOMAINS, AuthorStatus, author_domains
 from mtls_milter.core.dmarc import DmarcResult, Identifier, dmarc_method, identifier_method
 from mtls_milter.core.dmarc_record import Policy, parse_record
 from mtls_milter.core.header import MtlsField, render_value
+from mtls_milter.core.trusted_results import MAX_TRUSTED_RESULTS, trusted_identifiers
 
 POLICIES = [p.value for p in Policy]
 TAGS = st.sampled_from(["p", "sp", "np", "psd", "t", "adkim", "aspf", "rua", "pct", "zz", "P"])
@@ -118,3 +119,34 @@ def test_an_empty_dkim_domain_is_left_out_of_our_field() -> None:
     value = render_value(field)
     assert value == 'mx.example.net; mtls=fail; dkim=fail header.s=":"'
     authres.AuthenticationResultsHeader.parse_value(value)
+
+
+# --- trusted-results: spf= and dkim= from other hosts' fields ----------------------------------
+
+SPF_DKIM = frozenset({"spf", "dkim"})
+LABELS = st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True)
+HOSTS = st.builds(lambda a, b: f"{a}.{b}.test", LABELS, LABELS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=300), max_size=5), st.lists(HOSTS, max_size=3))
+def test_any_field_values_give_identifiers_or_nothing(
+    values: list[str], trusted: list[str]
+) -> None:
+    found = trusted_identifiers(values, trusted, SPF_DKIM)
+    assert len(found) <= MAX_TRUSTED_RESULTS
+    assert all(ident.method in SPF_DKIM for ident in found)
+
+
+@settings(max_examples=200, deadline=None)
+@given(HOSTS, HOSTS, HOSTS, st.sampled_from(["pass", "fail", "neutral"]))
+def test_only_trusted_ids_are_believed(ours: str, other: str, domain: str, result: str) -> None:
+    """A field from an id not in the list is ignored whatever it claims; a trusted one counts."""
+    field = f"{other}; dkim={result} header.d={domain} header.s=sel"
+    claimed = trusted_identifiers([field], [ours], SPF_DKIM)
+    if other == ours:
+        assert claimed == (Identifier("dkim", result, domain, "sel"),)
+    else:
+        assert claimed == ()
+    trusted = trusted_identifiers([field], [other.upper()], SPF_DKIM)
+    assert trusted == (Identifier("dkim", result, domain, "sel"),)
