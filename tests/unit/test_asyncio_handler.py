@@ -19,6 +19,7 @@ from support.pki import TestPki
 from mtls_milter.config import config_from_mapping
 from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.engine import Engine
+from mtls_milter.inbound import session as session_module
 from mtls_milter.inbound.asyncio_driver import MilterServer
 from mtls_milter.inbound.asyncio_handler import OPTIONS, handler_factory
 from mtls_milter.inbound.chain_fetch import ChainFetcher
@@ -169,6 +170,34 @@ def test_fail_rejects_with_our_reply_text(
     reply = [p for c, p in got if c == b"y"]
     assert len(reply) == 1 and reply[0].startswith(b"550 5.7.1 mtls=fail: ")
     assert any(c == b"i" and b"mtls=fail" in p for c, p in got)
+
+
+def test_mta_without_header_actions_gets_the_decision_and_one_warning(
+    tmp_path: Path,
+    zone: TestDnsServer,
+    pki: TestPki,
+    pools: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Degraded mode: the MTA offers no ADDHDRS/CHGHDRS; the conversation goes on, the policy
+    still applies (a reject), nothing asks for a header change, one warning explains why."""
+    session_module._warned.discard("header")
+    offer = frame(b"O", struct.pack(">III", 6, 0x1FF & ~0x11, 0x1FFFFF))
+    stream = conversation(SENDMAIL_OTHER).replace(
+        frame(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)), offer, 1
+    )
+    server = serve(tmp_path, engine(zone, pki, on_fail="reject"), pools)
+    got = run_one(server, stream)
+    commands = [c for c, _ in got]
+    assert b"i" not in commands and b"m" not in commands and b"h" not in commands
+    assert [p[:9] for c, p in got if c == b"y"] == [b"550 5.7.1"]
+    warnings = [
+        r.getMessage() for r in caplog.records if "withholds header actions" in r.getMessage()
+    ]
+    assert warnings == [
+        "MTA withholds header actions (ADDHDRS CHGHDRS): results will be logged only, "
+        "no Authentication-Results field is added or removed"
+    ]
 
 
 def test_header_fields_are_answered() -> None:

@@ -308,13 +308,6 @@ def test_older_mta_version_is_echoed() -> None:
     ("offer", "options", "reason"),
     [
         (optneg(version=1), MilterOptions(), "MTA protocol version 1 < 2"),
-        (optneg(actions=0x01), MilterOptions(actions=HEADERS), "missing CHGHDRS"),
-        (optneg(actions=0), MilterOptions(actions=HEADERS), "missing CHGHDRS"),  # 0 means V1
-        (
-            optneg(actions=0x0F),
-            MilterOptions(macros={Stage.HELO: ("j",)}),
-            "missing SETSYMLIST",
-        ),
         (optneg(protocol=0x3F), MilterOptions(protocol=ProtocolFlag.SKIP), "missing SKIP"),
         (frame(b"O", b"\0" * 11), MilterOptions(), "11 bytes instead of 12"),
     ],
@@ -327,6 +320,26 @@ def test_negotiation_refused_closes(
     assert isinstance(seen[-1], ev.ConnectionClosed) and seen[-1].error
     assert reason in seen[-1].reason
     assert reason in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("offer", "options", "actions", "lists"),
+    [
+        (optneg(actions=0x01), MilterOptions(actions=HEADERS), 0x01, b""),
+        (optneg(actions=0), MilterOptions(actions=HEADERS), 0x01, b""),  # 0 means V1: ADDHDRS
+        (optneg(actions=0x0F), MilterOptions(macros={Stage.HELO: ("j",)}), 0, b""),
+        (optneg(actions=0x1FF), MilterOptions(macros={Stage.HELO: ("j",)}), 0x100, b"j\0"),
+    ],
+)
+def test_an_action_the_mta_withholds_is_dropped_not_fatal(
+    offer: bytes, options: MilterOptions, actions: int, lists: bytes
+) -> None:
+    """The conversation goes on with what the MTA allows; the handler degrades (it sees the
+    agreed actions in Negotiate). Macro lists are sent only when SETSYMLIST is agreed."""
+    seen, frames = negotiated(offer, options)
+    assert isinstance(seen[0], ev.Negotiate) and seen[0].actions == actions
+    assert frames[0][0] == b"O" and struct.unpack(">I", frames[0][1][4:8])[0] == actions
+    assert frames[0][1][12:] == (struct.pack(">I", 1) + lists if lists else b"")
 
 
 def test_no_reply_flags_the_mta_lacks_are_answered_by_the_core() -> None:

@@ -24,6 +24,7 @@ from mtls_milter.config import Config
 from mtls_milter.core.quote import quote
 
 from . import events as ev
+from .degraded import note_mta_actions
 from .events import Macros
 from .negotiation import MilterOptions
 from .replies import (
@@ -75,9 +76,31 @@ class SessionHandler:
     def __init__(self, session: MilterSession, eom_executor: Executor) -> None:
         self.session = session
         self._eom_executor = eom_executor
+        self._actions = ~0  # what the MTA agreed to (Negotiate); modifications beyond are dropped
 
     async def on_event(self, event: ev.Event) -> Reply | None:
+        reply = await self._answer(event)
+        if reply is None or not reply.needs & ~self._actions:
+            return reply
+        # What the MTA did not agree to (a quarantine without QUARANTINE...) is left out, once
+        # logged; the decision itself stands.
+        kept = tuple(
+            m for m in reply.modifications if not Reply(modifications=(m,)).needs & ~self._actions
+        )
+        log.warning("the MTA did not agree to %s; the decision stands", quote(repr(reply)))
+        return Reply(reply.action, reply.smtp, kept)
+
+    async def _answer(self, event: ev.Event) -> Reply | None:
         session = self.session
+        if isinstance(event, ev.Negotiate):
+            self._actions = event.actions
+            note_mta_actions(
+                session,
+                add_headers=bool(event.actions & ActionFlag.ADDHDRS),
+                change_headers=bool(event.actions & ActionFlag.CHGHDRS),
+                symlist=bool(event.actions & ActionFlag.SETSYMLIST),
+            )
+            return None
         if isinstance(event, ev.Header):
             return _reply(session.header(text(event.name), text(event.value)))
         if isinstance(event, ev.Body):

@@ -14,6 +14,7 @@ from typing import Any
 import Milter
 
 from mtls_milter.core.quote import quote
+from mtls_milter.inbound.degraded import note_mta_actions
 from mtls_milter.inbound.guard import guarded
 from mtls_milter.inbound.session import (
     ENVFROM_MACROS,
@@ -23,7 +24,6 @@ from mtls_milter.inbound.session import (
     MilterSession,
     Outcome,
     side_effect,
-    warn_once,
 )
 from mtls_milter.inbound.session_dmarc import wants_body
 
@@ -60,24 +60,13 @@ class MtlsMilter(Milter.Base):  # type: ignore[misc]
         if not wants_body(self.session.config):  # the body only for DKIM verified here
             opts[1] = self._protocol = int(opts[1]) | (mta_protocol & P_NOBODY)
         offered = int(opts[0])  # the actions the MTA allows; we ask for all of them
-        header_actions = offered & (ADDHDRS | CHGHDRS) == ADDHDRS | CHGHDRS
-        self.session.header_actions = header_actions
-        if not header_actions:
-            warn_once(
-                "header",
-                "MTA withholds header actions (%s): results will be logged only, no "
-                "Authentication-Results field is added or removed",
-                " ".join(
-                    n for f, n in ((ADDHDRS, "ADDHDRS"), (CHGHDRS, "CHGHDRS")) if not offered & f
-                ),
-            )
+        note_mta_actions(
+            self.session,
+            add_headers=bool(offered & ADDHDRS),
+            change_headers=bool(offered & CHGHDRS),
+            symlist=bool(offered & SETSYMLIST),
+        )
         if not offered & SETSYMLIST:
-            warn_once(
-                "symlist",
-                "MTA withholds SETSYMLIST: the milter sees only the macros the MTA's own "
-                "configuration lists (%s)",
-                " ".join(ENVFROM_MACROS),
-            )
             return status
         # pymilter 1.0.5's own setsymlist fails on Python 3 (bytes vs str); calling the context
         # directly with one space-separated string works.

@@ -102,6 +102,7 @@ class Agreement:
     fake_no_reply: int  # NR_* flags we wanted that the MTA lacks: the core answers for us
     max_data_size: int
     reply: tuple[int, int, int]  # version, actions, protocol of our answer
+    macro_lists: dict[Stage, bytes] = field(default_factory=dict)  # sent when SETSYMLIST agreed
 
 
 def negotiate(options: MilterOptions, version: int, actions: int, protocol: int) -> Agreement:
@@ -116,12 +117,11 @@ def negotiate(options: MilterOptions, version: int, actions: int, protocol: int)
     mta_protocol = protocol or V1_PROTOCOL
     internal, size = _data_size(options.max_data_size, mta_protocol)
     mta_protocol &= ~INTERNAL_FLAGS
+    # An action the MTA withholds is dropped, not a reason to end the conversation: the
+    # handler learns what was agreed from the Negotiate event and degrades (as a libmilter
+    # milter does), e.g. logs results instead of adding a header field.
     ours = int(options.actions) | (_SETSYMLIST if options.macro_lists() else 0)
-    if ours & ~mta_actions:
-        raise WireError(
-            f"MTA offers actions 0x{mta_actions:x}, we need 0x{int(ours):x} "
-            f"(missing {flag_names(ActionFlag, ours & ~mta_actions)})"
-        )
+    ours &= mta_actions
     wanted = int(options.protocol) & ~INTERNAL_FLAGS
     fake = wanted & NO_REPLY_FLAGS & ~mta_protocol
     to_mta = wanted & ~fake
@@ -140,6 +140,7 @@ def negotiate(options: MilterOptions, version: int, actions: int, protocol: int)
         fake_no_reply=int(fake),
         max_data_size=size,
         reply=(agreed_version, int(ours), int(to_mta)),
+        macro_lists=options.macro_lists() if ours & _SETSYMLIST else {},
     )
 
 

@@ -252,7 +252,7 @@ class MilterConnection:
         self._max_data = agreement.max_data_size
         self._unwanted = agreement.wanted & sum(STEP_FLAG.values())  # NO* flags, plain int
         self._next = skippable_states(agreement.wanted)
-        self._out += encode_optneg(*agreement.reply, self.options.macro_lists())
+        self._out += encode_optneg(*agreement.reply, agreement.macro_lists)
         self._queue(
             ev.Negotiate(
                 *offered,
