@@ -298,6 +298,24 @@ def test_asyncio_quarantine(
     assert got[-1][0] == b"a"  # accepted, on hold
 
 
+def test_asyncio_quarantine_the_mta_withholds_is_left_out(
+    tmp_path: Path, zone: TestDnsServer, pki: TestPki, executor: ThreadPoolExecutor, caplog: Any
+) -> None:
+    """No QUARANTINE offered (0x20 missing): the message is accepted with our field, without a
+    quarantine request the MTA would refuse, and the log says so."""
+    server = serve(tmp_path, engine(zone, pki, dkim="off", enforce=True), executor)
+    author = [("From", "<a@quarantined.test>")]
+    stream = asyncio_conversation(SENDMAIL_OTHER, b"<a@quarantined.test>", author)
+    offer = frame(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF))
+    got = run_one(
+        server, stream.replace(offer, frame(b"O", struct.pack(">III", 6, 0x1DF, 0x1FFFFF)))
+    )
+    assert b"q" not in [c for c, _ in got]
+    assert any(c == b"i" and b"dmarc=fail" in p for c, p in got)
+    assert got[-1][0] == b"a"
+    assert "the MTA did not agree to" in caplog.text
+
+
 def test_asyncio_dkim_body_chunks_verify(
     tmp_path: Path, zone: TestDnsServer, pki: TestPki, executor: ThreadPoolExecutor
 ) -> None:

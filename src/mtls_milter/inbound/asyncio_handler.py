@@ -79,18 +79,6 @@ class SessionHandler:
         self._actions = ~0  # what the MTA agreed to (Negotiate); modifications beyond are dropped
 
     async def on_event(self, event: ev.Event) -> Reply | None:
-        reply = await self._answer(event)
-        if reply is None or not reply.needs & ~self._actions:
-            return reply
-        # What the MTA did not agree to (a quarantine without QUARANTINE...) is left out, once
-        # logged; the decision itself stands.
-        kept = tuple(
-            m for m in reply.modifications if not Reply(modifications=(m,)).needs & ~self._actions
-        )
-        log.warning("the MTA did not agree to %s; the decision stands", quote(repr(reply)))
-        return Reply(reply.action, reply.smtp, kept)
-
-    async def _answer(self, event: ev.Event) -> Reply | None:
         session = self.session
         if isinstance(event, ev.Negotiate):
             self._actions = event.actions
@@ -110,10 +98,10 @@ class SessionHandler:
                 session.body(event.chunk)
             macros = _values(event.macros, EOM_MACROS)
             if not session.eom_may_block():  # only computing: a thread hop would cost more
-                return _reply(session.eom(macros))
+                return self._agreed(_reply(session.eom(macros)))
             loop = asyncio.get_running_loop()
             outcome = await loop.run_in_executor(self._eom_executor, session.eom, macros)
-            return _reply(outcome)
+            return self._agreed(_reply(outcome))
         if isinstance(event, ev.MailFrom):
             macros = _values(event.macros, ENVFROM_MACROS)
             return _reply(session.mail(text(event.address), macros))
@@ -130,6 +118,17 @@ class SessionHandler:
         elif isinstance(event, ev.ConnectionClosed | ev.QuitNewConnection):
             session.close()
         return None
+
+    def _agreed(self, reply: Reply) -> Reply:
+        """``reply`` without the modifications the MTA did not agree to (a quarantine without
+        QUARANTINE...), logged; the decision itself stands."""
+        if not reply.needs & ~self._actions:
+            return reply
+        kept = tuple(
+            m for m in reply.modifications if not Reply(modifications=(m,)).needs & ~self._actions
+        )
+        log.warning("the MTA did not agree to %s; the decision stands", quote(repr(reply)))
+        return Reply(reply.action, reply.smtp, kept)
 
 
 def handler_factory(
