@@ -28,7 +28,13 @@ from typing import Any
 import pytest
 from support.daemon import MilterDaemon
 from support.dnsserver import TestDnsServer
-from support.mta import MtaTls, PostfixHarness, SendmailHarness, missing_mta, send_message
+from support.mta import (
+    MtaTls,
+    PostfixHarness,
+    SendmailHarness,
+    require_mta,
+    send_message,
+)
 from support.pki import TestPki, write_bundle
 from support.ports import free_port
 from support.smtp_tls_server import StartTlsServer
@@ -128,9 +134,7 @@ def rig(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Rig]:
     kind, transport = request.param
-    reason = missing_mta(kind)
-    if reason:
-        pytest.skip(f"cannot run {kind}: {reason}")
+    require_mta(kind)
     work = tmp_path_factory.mktemp(f"chain-{kind}-{transport}")
     policy_port, chain_port = free_port(), free_port()
     config: dict[str, dict[str, Any]] = {

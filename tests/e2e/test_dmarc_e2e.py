@@ -25,7 +25,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from support.daemon import MilterDaemon
 from support.dnsserver import TestDnsServer
-from support.mta import MtaTls, PostfixHarness, SendmailHarness, missing_mta, send_message
+from support.mta import (
+    MtaTls,
+    PostfixHarness,
+    SendmailHarness,
+    require_mta,
+    send_message,
+)
 from support.pki import TestPki
 
 pytestmark = pytest.mark.e2e
@@ -153,9 +159,7 @@ def rig(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Rig]:
     kind, transport = request.param
-    reason = missing_mta(kind)
-    if reason:
-        pytest.skip(f"cannot run {kind}: {reason}")
+    require_mta(kind)
     work = tmp_path_factory.mktemp(f"dmarc-{kind}-{transport}")
     base = _config(zone, pki, AUTHSERV_ID)
     base["milter"]["transport"] = transport  # ours; the upstream milter is always asyncio

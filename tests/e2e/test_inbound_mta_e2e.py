@@ -21,7 +21,7 @@ from support.mta import (
     MtaTls,
     PostfixHarness,
     SendmailHarness,
-    missing_mta,
+    require_mta,
     send_message,
 )
 from support.pki import TestPki
@@ -99,9 +99,7 @@ def rig(
     request: pytest.FixtureRequest, pki: TestPki, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[PostfixHarness | SendmailHarness, ServerThread]]:
     kind: str = request.param
-    reason = missing_mta(kind)
-    if reason:
-        pytest.skip(f"cannot run {kind}: {reason}")
+    require_mta(kind)
     work: Path = tmp_path_factory.mktemp(f"inbound-{kind}")
     mx = pki.leaves["mx-server"]
     tls = MtaTls(cert_path=mx.chain_path, key_path=mx.key_path, ca_path=pki.root_path)

@@ -37,7 +37,7 @@ from support.mta import (
     PostfixHarness,
     SendmailHarness,
     SmtpOutcome,
-    missing_mta,
+    require_mta,
     send_message,
 )
 from support.pki import TestPki
@@ -253,9 +253,7 @@ def rig(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Rig]:
     kind, transport = request.param
-    reason = missing_mta(kind)
-    if reason:
-        pytest.skip(f"cannot run {kind}: {reason}")
+    require_mta(kind)
     work = tmp_path_factory.mktemp(f"e2e-{kind}-{transport}")
     base: dict[str, dict[str, Any]] = {
         "milter": {"authserv_id": AUTHSERV_ID, "transport": transport},

@@ -27,7 +27,7 @@ from support.mta import (
     PostfixHarness,
     SendmailHarness,
     SmtpOutcome,
-    missing_mta,
+    require_mta,
     send_message,
 )
 from support.pki import TestPki
@@ -108,12 +108,6 @@ def _harness(
     return SendmailHarness(workdir, milter_socket=milter_socket, tls=tls, milter_flags=flags)
 
 
-def _skip_if_missing(kind: str) -> None:
-    reason = missing_mta(kind)
-    if reason:
-        pytest.skip(f"cannot run {kind}: {reason}")
-
-
 def _mta_tls(pki: TestPki) -> MtaTls:
     mx = pki.leaves["mx-server"]
     return MtaTls(cert_path=mx.chain_path, key_path=mx.key_path, ca_path=pki.root_path)
@@ -133,7 +127,7 @@ def rig(
 ) -> Iterator[Rig]:
     """One running MTA (per kind) with the probe milter, shared by the tests of this module."""
     kind: str = request.param
-    _skip_if_missing(kind)
+    require_mta(kind)
     work = tmp_path_factory.mktemp(kind)
     probe = ProbeMilter(work)
     try:
@@ -302,7 +296,7 @@ def test_default_macro_lists_without_second_ehlo(kind: str, pki: TestPki, tmp_pa
     """Without setsymlist the MTA's configured lists apply. Postfix (defaults) lists the TLS macros
     only for HELO: a client that skips the second EHLO leaves the milter without them.
     The Sendmail harness lists them for MAIL too (confMILTER_MACROS_ENVFROM)."""
-    _skip_if_missing(kind)
+    require_mta(kind)
     probe = ProbeMilter(tmp_path, symlist=False)
     try:
         with _harness(kind, tmp_path / "mta", probe.socket_for(kind), _mta_tls(pki)) as mta:
@@ -324,7 +318,7 @@ def test_default_macro_lists_without_second_ehlo(kind: str, pki: TestPki, tmp_pa
 @pytest.mark.parametrize("kind", MTAS)
 def test_milter_down_accept_still_delivers(kind: str, pki: TestPki, tmp_path: Path) -> None:
     """Milter not running + default_action=accept (Postfix) / no F= flag (Sendmail)."""
-    _skip_if_missing(kind)
+    require_mta(kind)
     dead = free_port()
     sock = f"inet:127.0.0.1:{dead}" if kind == "postfix" else f"inet:{dead}@127.0.0.1"
     with _harness(kind, tmp_path / "mta", sock, _mta_tls(pki), on_milter_failure="accept") as mta:
@@ -347,7 +341,7 @@ def test_milter_down_accept_still_delivers(kind: str, pki: TestPki, tmp_path: Pa
 def test_milter_down_tempfail(kind: str, pki: TestPki, tmp_path: Path) -> None:
     """Milter not running + default_action=tempfail (Postfix) / F=T (Sendmail): 4xx, nothing
     delivered."""
-    _skip_if_missing(kind)
+    require_mta(kind)
     dead = free_port()
     sock = f"inet:127.0.0.1:{dead}" if kind == "postfix" else f"inet:{dead}@127.0.0.1"
     with _harness(kind, tmp_path / "mta", sock, _mta_tls(pki), on_milter_failure="tempfail") as mta:
@@ -363,7 +357,7 @@ def test_milter_down_tempfail(kind: str, pki: TestPki, tmp_path: Path) -> None:
 def test_concurrent_instances_and_cleanup(pki: TestPki, tmp_path: Path) -> None:
     """Two Postfix and two Sendmail instances side by side; stop() leaves no process behind."""
     for kind in MTAS:
-        _skip_if_missing(kind)
+        require_mta(kind)
     probe = ProbeMilter(tmp_path)
     harnesses: list[Harness] = [
         _harness(kind, tmp_path / f"{kind}{i}", probe.socket_for(kind), _mta_tls(pki))
@@ -409,7 +403,7 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_milter_reject_is_reported(kind: str, pki: TestPki, tmp_path: Path) -> None:
     """send_message reports a 5xx from the MTA (here: Postfix/Sendmail reject a milter that
     misbehaves with default_action=reject / F=R when it is down)."""
-    _skip_if_missing(kind)
+    require_mta(kind)
     dead = free_port()
     sock = f"inet:127.0.0.1:{dead}" if kind == "postfix" else f"inet:{dead}@127.0.0.1"
     with _harness(kind, tmp_path / "mta", sock, _mta_tls(pki), on_milter_failure="reject") as mta:
@@ -423,7 +417,7 @@ def test_milter_reject_is_reported(kind: str, pki: TestPki, tmp_path: Path) -> N
 def test_postfix_reload_ask_ccert_no(pki: TestPki, tmp_path: Path) -> None:
     """reload() applies a changed main.cf; with smtpd_tls_ask_ccert=no no certificate is asked
     for, so no certificate macro is sent (docs/evidence.md)."""
-    _skip_if_missing("postfix")
+    require_mta("postfix")
     probe = ProbeMilter(tmp_path)
     try:
         mta = PostfixHarness(
@@ -449,7 +443,7 @@ def test_postfix_reload_ask_ccert_no(pki: TestPki, tmp_path: Path) -> None:
 def test_without_tls_no_starttls(kind: str, pki: TestPki, tmp_path: Path) -> None:
     """tls=None: STARTTLS is not offered; plain mail is delivered through the milter; reload()
     keeps the instance usable."""
-    _skip_if_missing(kind)
+    require_mta(kind)
     probe = ProbeMilter(tmp_path)
     try:
         with _harness(kind, tmp_path / "mta", probe.socket_for(kind), None) as mta:

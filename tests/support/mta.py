@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from support.lifecycle import Running
 from support.ports import free_port
 
@@ -120,6 +122,13 @@ def missing_mta(kind: str) -> str | None:
             return "m4 missing (Debian package m4): needed to build sendmail.cf"
         return None
     raise ValueError(kind)
+
+
+def require_mta(kind: str) -> None:
+    """Skip the calling test, saying why, when the named MTA cannot run here."""
+    reason = missing_mta(kind)
+    if reason:
+        pytest.skip(f"cannot run {kind}: {reason}")
 
 
 def _copy_private(src: Path, dst: Path, mode: int) -> Path:
