@@ -41,6 +41,7 @@ from mtls_milter.inbound.milter import (
     EngineHolder,
     MtlsMilter,
 )
+from mtls_milter.inbound.observer import NULL_OBSERVER
 from mtls_milter.inbound.session import MilterSession
 
 AR = "Authentication-Results"
@@ -166,9 +167,12 @@ def _unfold(value: str) -> str:
 class Conversation:
     """The MTA's side: one SMTP connection, callbacks in libmilter's order."""
 
-    def __init__(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, engine: Engine, executor: ThreadPoolExecutor, observer: Any = NULL_OBSERVER
+    ) -> None:
         self.ctx = FakeCtx()
-        self.milter = MtlsMilter(MilterSession(EngineHolder(engine), executor))
+        session = MilterSession(EngineHolder(engine), executor, observer=observer)
+        self.milter = MtlsMilter(session)
         self.milter._setctx(self.ctx)
 
     def negotiate(self) -> int:
@@ -1016,6 +1020,50 @@ def test_tempfail_stands_when_logging_fails(
     assert "mtls=fail" in conv.header_value()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["logging the verdict failed; the decision stands"]
+
+
+class RecordingObserver:
+    def __init__(self, fail: bool = False) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+        self.fail = fail
+
+    def verdict(
+        self,
+        verdict: Verdict,
+        action: str,
+        dmarc_result: str | None,
+        evaluation_seconds: float,
+        message_seconds: float,
+    ) -> None:
+        self.seen.append((verdict, action, dmarc_result, evaluation_seconds, message_seconds))
+        if self.fail:
+            raise RuntimeError("observer broken")
+
+
+def test_observer_hears_each_verdict_after_the_log_line(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    observer = RecordingObserver()
+    engine = make.engine(policy={"on_fail": "reject"})
+    conv = Conversation(engine, make.executor, observer).start(POSTFIX_OTHER_CN)
+    assert conv.message("<alice@sender.test>", {}) == REJECT
+    [(verdict, action, dmarc_result, evaluation, message)] = observer.seen
+    assert (verdict.result.value, action, dmarc_result) == ("fail", "reject", None)
+    assert 0 <= evaluation <= message < 5
+    assert _one_verdict(caplog)["result"] == "fail"
+
+
+def test_a_failing_observer_changes_no_decision(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make.engine(policy={"on_fail": "tempfail"})
+    conv = Conversation(engine, make.executor, RecordingObserver(fail=True))
+    conv.start(POSTFIX_OTHER_CN)
+    assert conv.message("<alice@sender.test>", {}) == TEMPFAIL
+    assert "mtls=fail" in conv.header_value()
+    assert _one_verdict(caplog)["action"] == "tempfail"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["reporting the verdict failed; the decision stands"]
 
 
 def test_reject_stands_when_the_reply_text_is_refused(

@@ -40,6 +40,7 @@ from mtls_milter.core.quote import clip
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.guard import guarded
+from mtls_milter.inbound.observer import NULL_OBSERVER, SessionObserver
 from mtls_milter.inbound.policy_service import SessionTable
 from mtls_milter.inbound.session_dmarc import (
     collector_for,
@@ -136,8 +137,10 @@ class MilterSession:
         *,
         sessions: SessionTable | None = None,
         fetcher: ChainFetcher | None = None,
+        observer: SessionObserver = NULL_OBSERVER,
     ) -> None:
         self._holder = holder
+        self._observer = observer  # told each verdict after the log line (metrics)
         self._executor = executor
         self._sessions = sessions  # the policy service's table (Postfix fingerprints)
         self._fetcher = fetcher  # chain evidence; None: off
@@ -246,6 +249,16 @@ class MilterSession:
             outcome = replace(outcome, headers=_guarded_headers(tx, verdict, dmarc))
         action = combined_action(mtls_action, dmarc) if not dry_run else mtls_action
         side_effect("logging the verdict", self._log, tx, verdict, action, dry_run, dmarc)
+        finished = time.monotonic()
+        side_effect(
+            "reporting the verdict",
+            self._observer.verdict,
+            verdict,
+            action,
+            dmarc.result.result if dmarc is not None else None,
+            finished - started,
+            finished - tx.started,
+        )
         return outcome
 
     def eom_may_block(self) -> bool:
