@@ -69,8 +69,10 @@ class MilterServer:
         idle_timeout: float = IDLE_TIMEOUT,
         command_timeout: float = COMMAND_TIMEOUT,
         socket_mode: int = 0o660,
+        listeners: list[socket.socket] | None = None,
     ) -> None:
         self.spec = spec
+        self._listeners = listeners  # already open (inherited from a supervising parent)
         self.port = 0  # the bound TCP port (useful with inet:0@HOST in tests)
         self.factory = factory
         self._options = options
@@ -101,10 +103,15 @@ class MilterServer:
         return self.factory(peer)
 
     async def start(self) -> None:
-        """Open the socket (a stale unix socket is replaced); OSError/ValueError if impossible."""
+        """Open the socket (a stale unix socket is replaced) unless ``listeners`` were given;
+        OSError/ValueError if impossible."""
         loop = asyncio.get_running_loop()
         kind, where, host = parse_listen_spec(self.spec)
-        if kind == "unix":
+        if self._listeners is not None:
+            self._sockets = list(self._listeners)
+            if kind != "unix":
+                self.port = int(self._sockets[0].getsockname()[1])
+        elif kind == "unix":
             self._sockets = [unix_listener_socket(Path(str(where)), self._socket_mode)]
         else:
             self._sockets = tcp_listener_sockets(host, int(where))
