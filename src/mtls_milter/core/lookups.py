@@ -101,3 +101,19 @@ def query_name(domain: str) -> str:
         if len(label) > 63:
             raise ValueError(f"{quote(name)} has a label longer than 63 characters")
     raise ValueError(f"{quote(name)} contains characters not allowed in a host name")
+
+
+def lookup_group(name: str) -> str:
+    """The domain group whose lookups share a cap on queries in flight: roughly the
+    registered domain, without a public suffix list.
+
+    The last two labels ("mail.example.com" → "example.com"), or the last three under a
+    two-letter top-level domain whose second label has at most three characters, the common
+    shape of a public second level ("a.example.co.uk" → "example.co.uk"). Erring towards a
+    longer group only makes the cap looser; a shorter one would make unrelated senders share
+    it. ``name`` is a :func:`query_name`; any string gives a suffix of it, never an error.
+    """
+    labels = name.rsplit(".", 3)
+    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])

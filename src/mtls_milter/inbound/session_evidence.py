@@ -32,6 +32,7 @@ from mtls_milter.core.lookups import HostLookup
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher, FetchOutcome
 from mtls_milter.inbound.policy_service import SessionTable
+from mtls_milter.net.lookup_pool import lookup_deadline
 
 log = logging.getLogger("mtls_milter")
 
@@ -168,13 +169,24 @@ def _evidence(
 
 
 def _prefetch_done(tx: Transaction, prefetch: Future[HostLookup]) -> bool:
-    """Wait for the MAIL FROM lookup within what is left of the DNS budget."""
-    remaining = tx.engine.config.dns.budget - (time.monotonic() - tx.started)
-    try:
-        prefetch.result(timeout=max(remaining, 0.0))
-    except FutureTimeout:
-        return False
-    return True
+    """Wait for the MAIL FROM lookup until its own budget ends.
+
+    The budget counts from when the lookup started, not from MAIL FROM, and pauses while the
+    lookup waits for a thread or a domain slot (net/lookup_pool.py): the deadline is read
+    again whenever it passes, and the wait ends once it stops moving.
+    """
+    budget = tx.engine.config.dns.budget
+    deadline = lookup_deadline(prefetch, budget, tx.started)
+    while True:
+        try:
+            prefetch.result(timeout=max(deadline - time.monotonic(), 0.0))
+        except FutureTimeout:
+            later = lookup_deadline(prefetch, budget, tx.started)
+            if later <= deadline:
+                return False
+            deadline = later
+            continue
+        return True
 
 
 def reply_text(verdict: Verdict) -> str:

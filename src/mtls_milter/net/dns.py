@@ -42,16 +42,19 @@ from mtls_milter.core.lookups import (
     HostLookup,
     LookupStatus,
     TxtLookup,
+    lookup_group,
     query_name,
 )
 from mtls_milter.core.lru import TimedLRU
 from mtls_milter.core.quote import clip
-from mtls_milter.endpoints import parse_nameserver
 from mtls_milter.net.dnstransport import (
-    ConnectedDo53Nameserver,
     describe_errors,
     describe_timeout,
+    make_resolver,
+    negative_ttl,
 )
+from mtls_milter.net.inflight import PER_DOMAIN, InFlight
+from mtls_milter.net.lookup_pool import paused_seconds
 from mtls_milter.net.mxset import MAX_HOSTS, hosts_from_rdatas
 
 if TYPE_CHECKING:
@@ -59,11 +62,15 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_HOSTS", "DnsResolver", "hosts_from_rdatas"]
 
-NEGATIVE_TTL_WITHOUT_SOA = 60  # RFC 2308 gives no default; 60 s is what common resolvers use
 _MX = int(dns.rdatatype.MX)
 _A = int(dns.rdatatype.A)
 _AAAA = int(dns.rdatatype.AAAA)
 _TXT = int(dns.rdatatype.TXT)
+# rrtype labels for the lookup observer (metrics); any other number is the Client MX type
+_LABELS = {_MX: "mx", _A: "a", _AAAA: "aaaa", _TXT: "txt"}
+BUDGET_EXHAUSTED = "DNS time budget exhausted"
+
+LookupObserver = Callable[[str, float, bool], None]
 
 
 class _QueryOutcome:
@@ -92,7 +99,14 @@ class DnsResolver:
     authority section (RFC 2308), 60 s without SOA; all capped at ``max_cache_ttl``. TEMPFAIL is
     never cached, so a recovering server is seen at once. A cached answer is served even when
     the budget is exhausted, since it costs no time. ``cache_size=0`` disables the cache.
+
+    Concurrent identical lookups share one query, and at most ``per_domain`` queries per domain
+    group are in flight (:mod:`mtls_milter.net.inflight`). ``on_lookup``, when set, is called
+    as ``on_lookup(rrtype, seconds, cached)`` after every Client MX/MX/A/AAAA/TXT lookup, with
+    rrtype one of ``client_mx``, ``mx``, ``a``, ``aaaa``, ``txt`` (metrics).
     """
+
+    on_lookup: LookupObserver | None
 
     def __init__(
         self,
@@ -103,6 +117,7 @@ class DnsResolver:
         cache_size: int = DEFAULT_DNS_CACHE_SIZE,
         max_cache_ttl: int = DEFAULT_MAX_CACHE_TTL,
         clock: Callable[[], float] = time.monotonic,
+        per_domain: int = PER_DOMAIN,
     ) -> None:
         """Resolve through ``nameservers`` (``IP``, ``IP:PORT``, ``[IPv6]:PORT``).
 
@@ -115,7 +130,9 @@ class DnsResolver:
         self._clock = clock
         # (name, rdtype) -> result, until its TTL runs out on the monotonic clock
         self._cache: TimedLRU[tuple[str, int], Any] = TimedLRU(int(cache_size))
-        self._resolver = self._make_resolver(nameservers)
+        self._resolver = make_resolver(nameservers)
+        self._flights: InFlight[Any] = InFlight(per_domain)
+        self.on_lookup = None
 
     @classmethod
     def from_config(cls, dns: DnsConfig) -> DnsResolver:
@@ -128,37 +145,6 @@ class DnsResolver:
             max_cache_ttl=dns.max_cache_ttl,
         )
 
-    @staticmethod
-    def _make_resolver(nameservers: Sequence[str]) -> dns.resolver.Resolver:
-        servers: list[str | dns.nameserver.Nameserver] = []
-        for text in nameservers:
-            host, port = parse_nameserver(text)
-            servers.append(ConnectedDo53Nameserver(host, port))
-        resolver: dns.resolver.Resolver
-        if servers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = servers
-        else:
-            try:
-                resolver = dns.resolver.Resolver(configure=True)
-            except (dns.exception.DNSException, OSError, ValueError):
-                # Missing or empty resolv.conf (containers): a local resolver is the best guess.
-                resolver = dns.resolver.Resolver(configure=False)
-                resolver.nameservers = ["127.0.0.1"]
-            resolver.nameservers = [
-                ConnectedDo53Nameserver(
-                    server, resolver.nameserver_ports.get(server, resolver.port)
-                )
-                if isinstance(server, str) and dns.inet.is_address(server)
-                else server
-                for server in resolver.nameservers
-            ]
-        # A SERVFAIL must come back at once as TEMPFAIL, not be retried until the lifetime ends.
-        resolver.retry_servfail = False
-        resolver.cache = None  # ours caches decoded results; dnspython's would double-cache
-        resolver.use_search_by_default = False
-        return resolver
-
     # -- public lookups ------------------------------------------------------------------
 
     def client_mx(self, domain: str, budget: float) -> HostLookup:
@@ -167,18 +153,8 @@ class DnsResolver:
             name = query_name(domain)
         except ValueError as exc:
             return HostLookup(LookupStatus.PERMFAIL, detail=f"bad domain name: {exc}")
-        rdtype = self._client_mx_type
-        cached = self._cache_get(name, rdtype)
-        if cached is not None:
-            result: HostLookup = cached
-            return result
-        if budget <= 0:
-            return HostLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
-        outcome = self._query(name, rdtype, budget)
-        result, ttl = _hosts_from_outcome(outcome, "Client MX", MAX_HOSTS)
-        if ttl is not None:
-            self._cache_put(name, rdtype, result, ttl)
-        return result
+        result: HostLookup | None = self._lookup(name, self._client_mx_type, budget, _client_mx)
+        return result or HostLookup(LookupStatus.TEMPFAIL, detail=BUDGET_EXHAUSTED)
 
     def cached_client_mx(self, domain: str) -> HostLookup | None:
         """The cached Client MX answer for ``domain``, or None; never queries."""
@@ -187,6 +163,8 @@ class DnsResolver:
         except ValueError:
             return None
         cached: HostLookup | None = self._cache_get(name, self._client_mx_type)
+        if cached is not None and self.on_lookup is not None:
+            self._observe("client_mx", 0.0, True)
         return cached
 
     def server_mx(self, domain: str, budget: float) -> HostLookup:
@@ -195,20 +173,14 @@ class DnsResolver:
             name = query_name(domain)
         except ValueError as exc:
             return HostLookup(LookupStatus.PERMFAIL, detail=f"bad domain name: {exc}")
-        start = self._clock()
-        mx = self._cache_get(name, _MX)
+        start, paused = self._clock(), paused_seconds()
+        mx: HostLookup | None = self._lookup(name, _MX, budget, _server_mx)
         if mx is None:
-            if budget <= 0:
-                return HostLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
-            outcome = self._query(name, _MX, budget)
-            mx, ttl = _hosts_from_outcome(outcome, "MX", None)
-            if ttl is not None:
-                self._cache_put(name, _MX, mx, ttl)
-        assert isinstance(mx, HostLookup)
+            return HostLookup(LookupStatus.TEMPFAIL, detail=BUDGET_EXHAUSTED)
         if mx.status is not LookupStatus.NOT_FOUND or "NODATA" not in mx.detail:
             return mx
         # NODATA for MX: the domain itself is the implicit host if it has an address.
-        remaining = budget - (self._clock() - start)
+        remaining = budget - (self._clock() - start) + (paused_seconds() - paused)
         addresses = self._addresses(name, remaining, stop_on_first=True)
         if addresses.status is LookupStatus.OK:
             return HostLookup(
@@ -232,44 +204,69 @@ class DnsResolver:
             qname = query_name(name)
         except ValueError as exc:
             return TxtLookup(LookupStatus.PERMFAIL, detail=f"bad name: {exc}")
-        cached = self._cache_get(qname, _TXT)
-        if cached is not None:
-            result: TxtLookup = cached
-            return result
-        if budget <= 0:
-            return TxtLookup(LookupStatus.TEMPFAIL, detail="DNS time budget exhausted")
-        outcome = self._query(qname, _TXT, budget)
-        if outcome.status is LookupStatus.OK and outcome.rrset is not None:
-            records = tuple(b"".join(getattr(rd, "strings", ())) for rd in outcome.rrset)
-            result = TxtLookup(LookupStatus.OK, records)
-        else:
-            result = TxtLookup(outcome.status, detail=outcome.detail)
-        if outcome.status is not LookupStatus.TEMPFAIL:
-            self._cache_put(qname, _TXT, result, outcome.ttl)
-        return result
+        result: TxtLookup | None = self._lookup(qname, _TXT, budget, _txt)
+        return result or TxtLookup(LookupStatus.TEMPFAIL, detail=BUDGET_EXHAUSTED)
 
     def cache_stats(self) -> dict[str, int]:
         """Cache counters: hits, misses, size."""
         return self._cache.stats()
 
+    def cache_entries(self) -> int:
+        """Answers held in the cache now (some may have expired unseen)."""
+        return len(self._cache)
+
     # -- internals -----------------------------------------------------------------------
 
+    def _lookup(self, name: str, rdtype: int, budget: float, decode: _Decoder) -> Any:
+        """The cached, shared or fresh decoded answer; None when the budget is gone first.
+
+        A fresh answer is cached by the query's own caller before the shared query ends, so a
+        caller that comes after finds it in the cache.
+        """
+        observe = self.on_lookup is not None
+        cached = self._cache_get(name, rdtype)
+        if cached is not None:
+            if observe:
+                self._observe(_LABELS.get(rdtype, "client_mx"), 0.0, True)
+            return cached
+        if budget <= 0:
+            return None
+        began = time.monotonic() if observe else 0.0
+
+        def query(lifetime: float) -> Any:
+            result, ttl = decode(self._query(name, rdtype, lifetime))
+            if ttl is not None:
+                self._cache_put(name, rdtype, result, ttl)
+            return result
+
+        def unavailable(text: str) -> Any:
+            return decode(_QueryOutcome(LookupStatus.TEMPFAIL, detail=text))[0]
+
+        answer = self._flights.run((name, rdtype), lookup_group(name), budget, query, unavailable)
+        if observe:
+            self._observe(_LABELS.get(rdtype, "client_mx"), time.monotonic() - began, False)
+        return answer
+
+    def _observe(self, rrtype: str, seconds: float, cached: bool) -> None:
+        """Tell the observer; its trouble never changes a lookup's result."""
+        observer = self.on_lookup
+        if observer is None:
+            return
+        try:
+            observer(rrtype, seconds, cached)
+        except Exception:  # a metrics hook must not turn an answer into an error
+            return
+
     def _addresses(self, name: str, budget: float, *, stop_on_first: bool) -> AddressLookup:
-        start = self._clock()
+        start, paused = self._clock(), paused_seconds()
         found: list[str] = []
         failures: list[str] = []
         for rdtype in (_A, _AAAA):
-            result = self._cache_get(name, rdtype)
+            remaining = budget - (self._clock() - start) + (paused_seconds() - paused)
+            result: AddressLookup | None = self._lookup(name, rdtype, remaining, _addresses)
             if result is None:
-                remaining = budget - (self._clock() - start)
-                if remaining <= 0:
-                    failures.append("DNS time budget exhausted")
-                    break
-                outcome = self._query(name, rdtype, remaining)
-                result = self._addresses_from_outcome(outcome)
-                if outcome.status is not LookupStatus.TEMPFAIL:
-                    self._cache_put(name, rdtype, result, outcome.ttl)
-            assert isinstance(result, AddressLookup)
+                failures.append(BUDGET_EXHAUSTED)
+                break
             if result.status is LookupStatus.OK:
                 found.extend(result.addresses)
                 if stop_on_first:
@@ -284,12 +281,6 @@ class DnsResolver:
             return AddressLookup(LookupStatus.TEMPFAIL, detail="; ".join(failures))
         return AddressLookup(LookupStatus.NOT_FOUND, detail="no A/AAAA record")
 
-    def _addresses_from_outcome(self, outcome: _QueryOutcome) -> AddressLookup:
-        if outcome.status is LookupStatus.OK and outcome.rrset is not None:
-            addresses = tuple(str(getattr(rd, "address", rd.to_text())) for rd in outcome.rrset)
-            return AddressLookup(LookupStatus.OK, addresses)
-        return AddressLookup(outcome.status, detail=outcome.detail)
-
     def _query(self, name: str, rdtype: int, budget: float) -> _QueryOutcome:
         """One resolution through dnspython; every failure becomes a TEMPFAIL outcome."""
         lifetime = min(self._timeout, budget)
@@ -303,7 +294,7 @@ class DnsResolver:
                 search=False,
             )
         except dns.resolver.NXDOMAIN as exc:
-            ttl = min(_negative_ttl(exc.kwargs.get("responses", {}).values()), self._max_cache_ttl)
+            ttl = min(negative_ttl(exc.kwargs.get("responses", {}).values()), self._max_cache_ttl)
             return _QueryOutcome(LookupStatus.NOT_FOUND, ttl=ttl, detail="NXDOMAIN")
         except dns.exception.Timeout as exc:
             errors = exc.kwargs.get("errors") or []
@@ -325,7 +316,7 @@ class DnsResolver:
                 detail=f"unexpected DNS error: {type(exc).__name__}: {clip(str(exc))}",
             )
         if answer.rrset is None:
-            ttl = min(_negative_ttl([answer.response]), self._max_cache_ttl)
+            ttl = min(negative_ttl([answer.response]), self._max_cache_ttl)
             return _QueryOutcome(LookupStatus.NOT_FOUND, ttl=ttl, detail="NODATA")
         ttl = min(int(answer.chaining_result.minimum_ttl), self._max_cache_ttl)
         return _QueryOutcome(LookupStatus.OK, rrset=answer.rrset, ttl=ttl)
@@ -336,6 +327,35 @@ class DnsResolver:
     def _cache_put(self, name: str, rdtype: int, value: Any, ttl: int) -> None:
         if ttl > 0:
             self._cache.put_until((name, rdtype), value, self._clock() + ttl)
+
+
+_Decoder = Callable[[_QueryOutcome], tuple[Any, int | None]]
+
+
+def _client_mx(outcome: _QueryOutcome) -> tuple[HostLookup, int | None]:
+    return _hosts_from_outcome(outcome, "Client MX", MAX_HOSTS)
+
+
+def _server_mx(outcome: _QueryOutcome) -> tuple[HostLookup, int | None]:
+    return _hosts_from_outcome(outcome, "MX", None)
+
+
+def _txt(outcome: _QueryOutcome) -> tuple[TxtLookup, int | None]:
+    """TXT records: each record's character-strings joined; TEMPFAIL is not cached."""
+    if outcome.status is LookupStatus.OK and outcome.rrset is not None:
+        records = tuple(b"".join(getattr(rd, "strings", ())) for rd in outcome.rrset)
+        return TxtLookup(LookupStatus.OK, records), outcome.ttl
+    ttl = None if outcome.status is LookupStatus.TEMPFAIL else outcome.ttl
+    return TxtLookup(outcome.status, detail=outcome.detail), ttl
+
+
+def _addresses(outcome: _QueryOutcome) -> tuple[AddressLookup, int | None]:
+    """A or AAAA addresses; TEMPFAIL is not cached."""
+    if outcome.status is LookupStatus.OK and outcome.rrset is not None:
+        addresses = tuple(str(getattr(rd, "address", rd.to_text())) for rd in outcome.rrset)
+        return AddressLookup(LookupStatus.OK, addresses), outcome.ttl
+    ttl = None if outcome.status is LookupStatus.TEMPFAIL else outcome.ttl
+    return AddressLookup(outcome.status, detail=outcome.detail), ttl
 
 
 def _hosts_from_outcome(
@@ -350,15 +370,3 @@ def _hosts_from_outcome(
             outcome.ttl,
         )
     return hosts_from_rdatas(outcome.rrset, what, limit), outcome.ttl
-
-
-def _negative_ttl(responses: Any) -> int:
-    """RFC 2308 negative TTL: min(SOA TTL, SOA MINIMUM) over the authority SOAs."""
-    ttls: list[int] = []
-    for response in responses:
-        if not isinstance(response, dns.message.Message):
-            continue
-        for rrset in response.authority:
-            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-                ttls.append(min(int(rrset.ttl), int(getattr(rrset[0], "minimum", rrset.ttl))))
-    return min(ttls) if ttls else NEGATIVE_TTL_WITHOUT_SOA

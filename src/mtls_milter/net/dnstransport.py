@@ -27,22 +27,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import dns.exception
+import dns.inet
 import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
+import dns.resolver
 
 from mtls_milter.core.quote import clip
+from mtls_milter.endpoints import parse_nameserver
 
 __all__ = [
     "ConnectedDo53Nameserver",
     "MalformedAnswer",
     "describe_errors",
     "describe_timeout",
+    "make_resolver",
+    "negative_ttl",
     "udp_query",
 ]
 
 MAX_DATAGRAM = 65535
+NEGATIVE_TTL_WITHOUT_SOA = 60  # RFC 2308 gives no default; 60 s is what common resolvers use
 
 
 class MalformedAnswer(dns.exception.FormError):
@@ -245,3 +251,47 @@ def _server_text(server: str, port: int) -> str:
     if server.startswith("Do53:"):
         server = server[5:].rpartition("@")[0] or server[5:]
     return f"[{server}]:{port}" if ":" in server else f"{server}:{port}"
+
+
+def make_resolver(nameservers: Sequence[str]) -> dns.resolver.Resolver:
+    """A dnspython resolver on ``nameservers`` (empty: /etc/resolv.conf, else 127.0.0.1:53),
+    every plain-DNS server reached over a connected UDP socket; raises ValueError for a
+    malformed name server string."""
+    servers: list[str | dns.nameserver.Nameserver] = []
+    for text in nameservers:
+        host, port = parse_nameserver(text)
+        servers.append(ConnectedDo53Nameserver(host, port))
+    resolver: dns.resolver.Resolver
+    if servers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = servers
+    else:
+        try:
+            resolver = dns.resolver.Resolver(configure=True)
+        except (dns.exception.DNSException, OSError, ValueError):
+            # Missing or empty resolv.conf (containers): a local resolver is the best guess.
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = ["127.0.0.1"]
+        resolver.nameservers = [
+            ConnectedDo53Nameserver(server, resolver.nameserver_ports.get(server, resolver.port))
+            if isinstance(server, str) and dns.inet.is_address(server)
+            else server
+            for server in resolver.nameservers
+        ]
+    # A SERVFAIL must come back at once as TEMPFAIL, not be retried until the lifetime ends.
+    resolver.retry_servfail = False
+    resolver.cache = None  # ours caches decoded results; dnspython's would double-cache
+    resolver.use_search_by_default = False
+    return resolver
+
+
+def negative_ttl(responses: Any) -> int:
+    """RFC 2308 negative TTL: min(SOA TTL, SOA MINIMUM) over the authority SOAs."""
+    ttls: list[int] = []
+    for response in responses:
+        if not isinstance(response, dns.message.Message):
+            continue
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                ttls.append(min(int(rrset.ttl), int(getattr(rrset[0], "minimum", rrset.ttl))))
+    return min(ttls) if ttls else NEGATIVE_TTL_WITHOUT_SOA
