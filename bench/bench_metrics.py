@@ -1,0 +1,516 @@
+"""Metrics figures: what the dashboard shows for a real run, and what the metrics cost per message.
+
+Run: ``.venv/bin/python bench/bench_metrics.py [--png PATH] [--seconds N]`` (or via
+``bench/run_all.py``). Prints figures only, never asserts timings.
+
+1. Picture run: ``mtls-milter serve`` with ``[metrics] listen`` on loopback, an in-process DNS
+   server (short TTLs, a few milliseconds of answer delay), and 8 client threads speaking the
+   milter protocol (tests/support/milter_client.py) at a steady rate with a mix of senders:
+   pass (a certificate naming the Client MX host), fail (a certificate naming another host; no
+   TLS), none (no Client MX record), temperror (the domain's name server fails). In the middle
+   third the DNS server answers the main sender domain only after the ``[dns] timeout``: a
+   resolver outage. ``/metrics`` is scraped every second; the main dashboard panels are drawn
+   from the scrapes with matplotlib (the ``bench`` extra) into docs/img/dashboard.png.
+2. Cost run: the same daemon with and without ``[metrics] listen``, the same warm-cache mix of
+   messages one after the other, several interleaved rounds; the daemon's CPU (user + system,
+   all threads and child processes, from /proc) per message, and the difference on - off.
+
+Without ``[metrics]`` in this build's configuration the bench says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import benchpath  # noqa: F401  (tests/ on sys.path for support.*)
+from support.daemon import MilterDaemon
+from support.dnsserver import TestDnsServer
+from support.milter_client import MilterClient, Reply
+from support.ports import free_port
+
+from mtls_milter.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = ROOT / "docs" / "img" / "dashboard.png"
+AUTHSERV_ID = "mx.bench.test"
+DNS_TIMEOUT = 0.4  # seconds; the outage phase answers later than this
+CLIENTS = 8  # client threads in the picture run
+RATE = 40.0  # messages per second in the picture run
+COST_MESSAGES = 1500  # messages per cost round
+COST_ROUNDS = 3
+
+# Grafana's palette for the values an operator reads at a glance; other series cycle.
+COLORS = {
+    "pass": "#73BF69",
+    "fail": "#F2495C",
+    "reject": "#F2495C",
+    "temperror": "#FF9830",
+    "tempfail": "#FF9830",
+    "dns": "#FF9830",
+    "none": "#8AB8FF",
+    "permerror": "#B877D9",
+    "quarantine": "#FADE2A",
+    "hit": "#73BF69",
+    "miss": "#FF9830",
+}
+
+CERT_MACROS = {
+    "{tls_version}": "TLSv1.3",
+    "{cert_subject}": "out.sender.test",
+    "{cert_issuer}": "Bench CA",
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of message in the mix: its sender, whether the MTA saw a certificate, weight."""
+
+    name: str
+    sender: str
+    tls: bool
+    weight: int
+
+
+MIX = (
+    Kind("pass", "a@sender.test", True, 70),
+    Kind("fail: certificate names another host", "a@impostor.test", True, 8),
+    Kind("fail: no TLS", "a@sender.test", False, 5),
+    Kind("none: no Client MX", "a@plain.test", True, 14),
+    Kind("temperror: name server fails", "a@broken.test", True, 3),
+)
+
+
+def mix_sequence() -> list[Kind]:
+    """One cycle of the mix, interleaved (every kind spread over the cycle)."""
+    slots = [(i / k.weight, k) for k in MIX for i in range(k.weight)]
+    return [kind for _, kind in sorted(slots, key=lambda slot: slot[0])]
+
+
+def serve_zone(dns_server: TestDnsServer, ttl: int, delay: float) -> None:
+    dns_server.add("sender.test", 265, "10 out.sender.test.", ttl=ttl)
+    dns_server.add("impostor.test", 265, "10 mx.impostor.test.", ttl=ttl)
+    dns_server.add("plain.test", "MX", "10 mx.plain.test.", ttl=ttl)
+    dns_server.servfail("broken.test")
+    for name in ("sender.test", "impostor.test", "plain.test"):
+        if delay:
+            dns_server.delay(name, delay)
+
+
+def send(address: tuple[str, int], kind: Kind, number: int) -> str:
+    """One message from connect to QUIT; the final reply command (a, r, t, ...)."""
+    with MilterClient.connect(address, timeout=10.0) as client:
+        client.optneg()
+        client.macro(b"C", {"j": "mx.bench.test", "{daemon_name}": "smtpd"})
+        client.connect_info("out.sender.test", "192.0.2.25")
+        client.helo("out.sender.test")
+        macros = dict(CERT_MACROS) if kind.tls else {}
+        client.macro(b"M", {**macros, "i": f"Q{number}", "{mail_addr}": kind.sender})
+        steps: list[Callable[[], Reply | None]] = [
+            lambda: client.mail(f"<{kind.sender}>"),
+            lambda: client.rcpt("<b@receiver.test>"),
+            client.data,
+            lambda: client.header("From", kind.sender),
+            client.eoh,
+            lambda: client.body(b"hello\r\n"),
+        ]
+        for step in steps:
+            reply = step()
+            if reply is not None and reply.command in (b"r", b"t", b"y", b"d", b"a"):
+                return reply.command.decode()
+        final = client.eom().final.command.decode()
+        client.quit()
+        return final
+
+
+# --- scraping ----------------------------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    """One /metrics scrape as {(sample name, labels): value}; empty when unreachable."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def summed(samples: Samples, name: str, by: str, **match: str) -> dict[str, float]:
+    """``sum by (by) (name{match})`` over one scrape."""
+    out: dict[str, float] = {}
+    for (sample, labels), value in samples.items():
+        label = dict(labels)
+        if sample == name and all(label.get(k) == v for k, v in match.items()):
+            out[label.get(by, "")] = out.get(label.get(by, ""), 0.0) + value
+    return out
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float:
+    """``histogram_quantile``: linear interpolation in cumulative buckets (upper bound → count)."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return math.nan
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if math.isinf(bound):
+                return lower
+            share = (rank - below) / (buckets[bound] - below) if buckets[bound] > below else 0
+            return lower + (bound - lower) * share
+        lower, below = bound, buckets[bound]
+    return lower
+
+
+def bucket_deltas(
+    new: Samples, old: Samples, name: str, by: str | None
+) -> dict[str, dict[float, float]]:
+    """Per group (value of label ``by``, "" without): cumulative bucket count increases."""
+    groups: dict[str, dict[float, float]] = {}
+    for (sample, labels), value in new.items():
+        if sample != f"{name}_bucket":
+            continue
+        label = dict(labels)
+        group = label.get(by, "") if by else ""
+        bound = float(label["le"])
+        increase = value - old.get((sample, labels), 0.0)
+        groups.setdefault(group, {})[bound] = groups.get(group, {}).get(bound, 0.0) + increase
+    return groups
+
+
+@dataclass
+class Recording:
+    """Scrapes taken once a second during the picture run."""
+
+    times: list[float] = field(default_factory=list)
+    scrapes: list[Samples] = field(default_factory=list)
+    outage: tuple[float, float] = (0.0, 0.0)
+
+
+class Scraper(threading.Thread):
+    def __init__(self, url: str, recording: Recording) -> None:
+        super().__init__(daemon=True)
+        self.url, self.recording, self.began = url, recording, time.monotonic()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        tick = self.began
+        while not self.stopping.is_set():
+            samples = scrape(self.url)
+            if samples:
+                self.recording.times.append(time.monotonic() - self.began)
+                self.recording.scrapes.append(samples)
+            tick += 1.0
+            self.stopping.wait(max(tick - time.monotonic(), 0.0))
+
+
+# --- the runs ----------------------------------------------------------------------------------
+
+
+def metrics_supported() -> bool:
+    return any(f.name == "metrics" for f in dataclasses.fields(Config))
+
+
+def daemon_config(nameserver: str, metrics_port: int | None) -> dict[str, dict[str, Any]]:
+    config: dict[str, dict[str, Any]] = {
+        "milter": {"authserv_id": AUTHSERV_ID},
+        "dns": {"nameservers": [nameserver], "timeout": DNS_TIMEOUT, "budget": 1.0},
+        "policy": {"on_fail": "reject", "on_temperror": "tempfail"},
+    }
+    if metrics_port is not None:
+        config["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
+    return config
+
+
+def picture_run(tmp: Path, seconds: float) -> Recording:
+    """The daemon under a steady mixed load with a DNS outage in the middle third."""
+    recording = Recording()
+    port = free_port()
+    with TestDnsServer() as dns_server:
+        serve_zone(dns_server, ttl=1, delay=0.004)
+        daemon = MilterDaemon(tmp / "picture", daemon_config(dns_server.nameserver, port))
+        with daemon:
+            scraper = Scraper(f"http://127.0.0.1:{port}/metrics", recording)
+            scraper.start()
+            address = ("127.0.0.1", daemon.port)
+            sequence = mix_sequence()
+            start_outage, end_outage = seconds / 3, 2 * seconds / 3
+            recording.outage = (start_outage, end_outage)
+            began = scraper.began
+            outage_on = outage_off = False
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                number = 0
+                while (now := time.monotonic() - began) < seconds:
+                    if now >= start_outage and not outage_on:
+                        dns_server.delay("sender.test", DNS_TIMEOUT * 3)
+                        outage_on = True
+                    if now >= end_outage and not outage_off:
+                        dns_server.delay("sender.test", 0.004)
+                        outage_off = True
+                    pool.submit(send, address, sequence[number % len(sequence)], number)
+                    number += 1
+                    time.sleep(max(began + number / RATE - time.monotonic(), 0.0))
+            time.sleep(1.5)  # one more scrape after the last message
+            scraper.stopping.set()
+            scraper.join()
+    return recording
+
+
+def process_tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (0 when unreadable)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        ticks[child] = int(fields[11]) + int(fields[12])
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def cost_round(daemon: MilterDaemon, count: int) -> float:
+    """CPU µs per message of ``count`` messages of the mix, sent one after the other."""
+    assert daemon.pid is not None
+    address = ("127.0.0.1", daemon.port)
+    sequence = mix_sequence()
+    before = process_tree_cpu(daemon.pid)
+    for number in range(count):
+        send(address, sequence[number % len(sequence)], number)
+    time.sleep(0.2)  # let the daemon finish logging the last message
+    return (process_tree_cpu(daemon.pid) - before) / count * 1e6
+
+
+def cost_run(tmp: Path) -> tuple[list[float], list[float]]:
+    """Interleaved rounds, metrics off and on: CPU µs per message of each round."""
+    off: list[float] = []
+    on: list[float] = []
+    with TestDnsServer() as dns_server:
+        serve_zone(dns_server, ttl=3600, delay=0.0)
+        ns = dns_server.nameserver
+        without = MilterDaemon(tmp / "off", daemon_config(ns, None))
+        with_metrics = MilterDaemon(tmp / "on", daemon_config(ns, free_port()))
+        with without, with_metrics:
+            for daemon in (without, with_metrics):
+                cost_round(daemon, 200)  # warm up: caches, imports, first connections
+            for _ in range(COST_ROUNDS):
+                off.append(cost_round(without, COST_MESSAGES))
+                on.append(cost_round(with_metrics, COST_MESSAGES))
+    return off, on
+
+
+# --- the picture -------------------------------------------------------------------------------
+
+
+def series(
+    recording: Recording, value: Callable[[Samples, Samples, float], dict[str, float]]
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Per scrape interval: x (seconds) and {legend: values} computed from consecutive scrapes."""
+    xs: list[float] = []
+    lines: dict[str, list[float]] = {}
+    pairs = zip(recording.scrapes, recording.scrapes[1:], strict=False)
+    for index, (old, new) in enumerate(pairs):
+        elapsed = recording.times[index + 1] - recording.times[index]
+        values = value(new, old, elapsed)
+        for legend in values.keys() - lines.keys():
+            lines[legend] = [math.nan] * len(xs)
+        xs.append(recording.times[index + 1])
+        for legend, line in lines.items():
+            line.append(values.get(legend, 0.0))
+    return xs, lines
+
+
+def rates(name: str, by: str, skip: str = "", **match: str) -> Callable[..., dict[str, float]]:
+    def compute(new: Samples, old: Samples, elapsed: float) -> dict[str, float]:
+        now, before = summed(new, name, by, **match), summed(old, name, by, **match)
+        return {k: (v - before.get(k, 0.0)) / elapsed for k, v in now.items() if k != skip}
+
+    return compute
+
+
+def windowed_quantiles(
+    recording: Recording, name: str, by: str | None, window: int = 5
+) -> tuple[list[float], dict[str, list[float]]]:
+    """p50/p99 over the last ``window`` scrapes (like rate(...[5s])), milliseconds."""
+    xs: list[float] = []
+    lines: dict[str, list[float]] = {}
+    for index in range(window, len(recording.scrapes)):
+        groups = bucket_deltas(
+            recording.scrapes[index], recording.scrapes[index - window], name, by
+        )
+        xs.append(recording.times[index])
+        for group, buckets in groups.items():
+            for q in (0.5, 0.99):
+                legend = f"p{int(q * 100)} {group}".strip()
+                lines.setdefault(legend, [math.nan] * (len(xs) - 1))
+                lines[legend].append(quantile(q, buckets) * 1000)
+        for line in lines.values():
+            line.extend([math.nan] * (len(xs) - len(line)))
+    return xs, lines
+
+
+def draw(recording: Recording, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.style.use("dark_background")
+    figure, axes = plt.subplots(3, 2, figsize=(14, 11), constrained_layout=True)
+    figure.suptitle("mtls-milter: bench/bench_metrics.py (a resolver outage in the shaded part)")
+    panels: list[tuple[str, str, tuple[list[float], dict[str, list[float]]], bool]] = [
+        (
+            "Verdicts by result",
+            "messages/s",
+            series(recording, rates("mtls_milter_verdicts_total", "result")),
+            True,
+        ),
+        (
+            "Why not pass (reason class)",
+            "messages/s",
+            series(recording, rates("mtls_milter_verdicts_total", "reason_class", skip="ok")),
+            True,
+        ),
+        (
+            "Actions taken",
+            "messages/s",
+            series(recording, rates("mtls_milter_actions_total", "action", skip="accept")),
+            True,
+        ),
+        (
+            "DNS lookup latency by record type",
+            "ms (log)",
+            windowed_quantiles(recording, "mtls_milter_dns_lookup_seconds", "rrtype"),
+            False,
+        ),
+        ("Evaluation and message time", "ms (log)", _time_panel(recording), False),
+        (
+            "DNS cache lookups",
+            "lookups/s",
+            series(recording, rates("mtls_milter_dns_cache_lookups_total", "outcome")),
+            True,
+        ),
+    ]
+    for ax, (title, unit, (xs, lines), stacked) in zip(axes.flat, panels, strict=True):
+        ax.set_title(title, loc="left")
+        ax.set_ylabel(unit)
+        ax.set_xlabel("seconds")
+        ax.axvspan(*recording.outage, color="tab:red", alpha=0.12)
+        ax.grid(alpha=0.2)
+        names = sorted(lines)
+        if stacked and names:
+            cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            colors = [COLORS.get(n, cycle[i % len(cycle)]) for i, n in enumerate(names)]
+            ax.stackplot(xs, [lines[n] for n in names], labels=names, colors=colors, alpha=0.85)
+        else:
+            for name in names:
+                ax.plot(xs, lines[name], label=name, linewidth=1.2)
+            if unit.endswith("(log)"):
+                ax.set_yscale("log")
+        if names:
+            ax.legend(loc="upper left", fontsize=7, ncol=2, framealpha=0.4)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png, dpi=80)
+    plt.close(figure)
+
+
+def _time_panel(recording: Recording) -> tuple[list[float], dict[str, list[float]]]:
+    xs, evaluation = windowed_quantiles(recording, "mtls_milter_evaluation_seconds", None)
+    _, message = windowed_quantiles(recording, "mtls_milter_message_seconds", None)
+    lines = {f"evaluation {k}": v for k, v in evaluation.items()}
+    lines |= {f"message {k}": v for k, v in message.items()}
+    return xs, lines
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def totals(recording: Recording) -> Iterator[str]:
+    last = recording.scrapes[-1]
+    for label, name, by in (
+        ("verdicts", "mtls_milter_verdicts_total", "result"),
+        ("reason classes", "mtls_milter_verdicts_total", "reason_class"),
+        ("actions", "mtls_milter_actions_total", "action"),
+        ("DNS cache", "mtls_milter_dns_cache_lookups_total", "outcome"),
+    ):
+        counts = summed(last, name, by)
+        yield f"  {label}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(counts.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--png", type=Path, default=PNG, help=f"picture path ({PNG})")
+    parser.add_argument("--seconds", type=float, default=45.0, help="picture run length")
+    parser.add_argument("--no-cost", action="store_true", help="skip the CPU cost rounds")
+    args = parser.parse_args(argv)
+    if not metrics_supported():
+        print("SKIP: this build has no [metrics] section (no /metrics to scrape)")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-metrics-") as name:
+        tmp = Path(name)
+        recording = picture_run(tmp, args.seconds)
+        print(
+            f"picture run: {args.seconds:g} s at {RATE:g} messages/s, {len(recording.scrapes)}"
+            f" scrapes; DNS outage {recording.outage[0]:.0f}-{recording.outage[1]:.0f} s"
+        )
+        if len(recording.scrapes) < 3:
+            print("FAIL: /metrics could not be scraped")
+            return 1
+        print("\n".join(totals(recording)))
+        try:
+            draw(recording, args.png)
+            print(f"picture: {args.png}")
+        except ImportError:
+            print("picture skipped: matplotlib missing (pip install -e '.[bench]')")
+        if not args.no_cost:
+            off, on = cost_run(tmp)
+            report_cost(off, on)
+    return 0
+
+
+def report_cost(off: list[float], on: list[float]) -> None:
+    rounds = " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(off, on, strict=True))
+    best_off, best_on = min(off), min(on)
+    median_off, median_on = statistics.median(off), statistics.median(on)
+    print(
+        f"CPU per message, {COST_ROUNDS} interleaved rounds of {COST_MESSAGES} messages "
+        f"(off/on µs per round: {rounds})"
+    )
+    print(f"  metrics off: median {median_off:.1f} µs, best {best_off:.1f} µs")
+    print(f"  metrics on:  median {median_on:.1f} µs, best {best_on:.1f} µs")
+    print(
+        f"  cost of metrics: {median_on - median_off:+.1f} µs per message (median), "
+        f"{best_on - best_off:+.1f} µs (best); target ≤ 5 µs"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
