@@ -9,7 +9,7 @@ from typing import NoReturn
 
 from mtls_milter import __version__
 from mtls_milter.acme import cli as acme_cli
-from mtls_milter.cli import check, config_test, record
+from mtls_milter.cli import check, config_test, explain, record
 from mtls_milter.errors import InputError
 from mtls_milter.inbound import daemon as serve
 from mtls_milter.outbound import policy_map, probe
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     check.add_parser(commands)
     config_test.add_parser(commands)
+    explain.add_parser(commands)
     record.add_parser(commands)
     serve.add_parser(commands)
     policy_map.add_parser(commands)
