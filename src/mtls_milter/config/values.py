@@ -5,6 +5,7 @@ key and the file)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -44,6 +45,18 @@ def integer(low: int, high: int) -> Converter:
         return value
 
     return convert
+
+
+MAX_WORKERS = 64
+
+
+def workers(value: Any) -> int:
+    """``[milter] workers``: an integer from 1 to 64, or ``"auto"`` (one per CPU, at most 64)."""
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f'expected an integer from 1 to {MAX_WORKERS} or "auto"')
+    return value
 
 
 def enum_of(kind: type[StrEnum]) -> Converter:
