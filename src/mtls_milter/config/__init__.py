@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mtls_milter.config import values as v
-from mtls_milter.endpoints import parse_nameserver, parse_socket_spec
+from mtls_milter.endpoints import parse_host_port, parse_nameserver, parse_socket_spec
 from mtls_milter.errors import MtlsMilterError
 
 
@@ -154,6 +154,14 @@ class DmarcConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus ``/metrics`` and ``/healthz`` over HTTP (docs/observability.md)."""
+
+    listen: str = ""  # empty: off; else HOST:PORT or [IPv6]:PORT for `mtls-milter serve`
+    policy_map_listen: str = ""  # the same for `mtls-milter policy-map` (a process of its own)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -165,6 +173,7 @@ class Config:
     policy_service: PolicyServiceConfig = field(default_factory=PolicyServiceConfig)
     chain_fetch: ChainFetchConfig = field(default_factory=ChainFetchConfig)
     dmarc: DmarcConfig = field(default_factory=DmarcConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<built-in defaults>"
 
 
@@ -231,6 +240,10 @@ _SCHEMA: dict[str, dict[str, v.Converter]] = {
         "dkim": v.one_of(DMARC_INPUTS),
         "trusted_authserv_ids": v.list_of(v.checked_by(v.authserv_id)),
     },
+    "metrics": {
+        "listen": v.checked_by(parse_host_port, optional=True),
+        "policy_map_listen": v.checked_by(parse_host_port, optional=True),
+    },
 }
 
 
@@ -269,6 +282,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         policy_service=replace(PolicyServiceConfig(), **sections.get("policy_service", {})),
         chain_fetch=replace(ChainFetchConfig(), **sections.get("chain_fetch", {})),
         dmarc=replace(DmarcConfig(), **sections.get("dmarc", {})),
+        metrics=replace(MetricsConfig(), **sections.get("metrics", {})),
         source=source,
     )
     _check_cross_field(config)
@@ -321,5 +335,6 @@ def defaults_table() -> dict[str, dict[str, Any]]:
             ("policy_map", PolicyMapConfig),
             ("policy_service", PolicyServiceConfig),
             ("chain_fetch", ChainFetchConfig),
+            ("metrics", MetricsConfig),
         )
     }

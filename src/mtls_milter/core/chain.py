@@ -194,6 +194,11 @@ class ChainValidator:
         )
 
     @property
+    def anchor_count(self) -> int:
+        """How many distinct trust anchors this validator holds (a metrics gauge)."""
+        return len(self._anchor_fps)
+
+    @property
     def min_rsa_bits(self) -> int:
         """The smallest RSA key allowed anywhere in a chain (``[tls] min_rsa_bits``)."""
         return self._min_rsa_bits

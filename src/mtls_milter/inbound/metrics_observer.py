@@ -1,0 +1,179 @@
+"""The milter daemon's metrics: what a judged message, a DNS lookup and a reload move.
+
+:func:`start_for_daemon` is all the daemon calls: it creates the metrics (when ``[metrics]
+listen`` is set), hooks the resolver, starts the HTTP endpoint when this process serves it, and
+returns a :class:`DaemonMetrics` — the session observer, plus what the daemon tells it (its
+connection count). Gauges are read from their sources, never kept in step by the hot path: at
+scrape time in the process that serves HTTP, every second in a pre-forked worker.
+
+Cost: a message's updates are a few dictionary look-ups and lock-protected additions (about
+2 µs single-process; docs/observability.md has the measured figures). Labels come from fixed
+sets only; a value outside them (a bug) is counted as ``other``, never as outside text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from mtls_milter.config import Config
+from mtls_milter.core.evaluate import Verdict
+from mtls_milter.core.reason_class import reason_class
+from mtls_milter.inbound.session import EngineHolder
+from mtls_milter.net.dns import DnsResolver
+from mtls_milter.runtime import metrics
+from mtls_milter.runtime.metrics import Metrics
+from mtls_milter.runtime.metrics_http import MetricsServer, socket_accepts
+
+log = logging.getLogger("mtls_milter")
+
+ACTIONS = frozenset({"accept", "reject", "tempfail", "quarantine"})
+DMARC_RESULTS = frozenset({"pass", "fail", "none", "temperror", "permerror"})
+RRTYPES = frozenset({"client_mx", "mx", "a", "aaaa", "txt"})
+WORKER_REFRESH = 1.0  # seconds between a worker's gauge updates
+
+
+class DnsLookupMetrics:
+    """``DnsResolver.on_lookup``: the DNS histogram (answers from the network only; a cache
+    hit costs no time) and the cache hit/miss counters, with this process's hit ratio."""
+
+    def __init__(self, m: Metrics) -> None:
+        self._hit = m.dns_cache_lookups.labels("hit")
+        self._miss = m.dns_cache_lookups.labels("miss")
+        self._seconds = {rr: m.dns_lookup_seconds.labels(rr) for rr in RRTYPES}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, rrtype: str, seconds: float, cached: bool) -> None:
+        if cached:
+            self.hits += 1
+            self._hit.inc()
+            return
+        self.misses += 1
+        self._miss.inc()
+        histogram = self._seconds.get(rrtype)
+        if histogram is not None:
+            histogram.observe(seconds)
+
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class DaemonMetrics:
+    """The session observer with everything else the daemon's metrics need."""
+
+    def __init__(self, m: Metrics, holder: EngineHolder) -> None:
+        self._m = m
+        self._holder = holder
+        self.dns = DnsLookupMetrics(m)
+        self._verdicts: dict[tuple[str, str, str], Any] = {}
+        self._actions = {a: m.actions.labels(a) for a in (*ACTIONS, "other")}
+        self._dmarc = {r: m.dmarc_results.labels(r) for r in (*DMARC_RESULTS, "other")}
+        self._connections: Callable[[], int] | None = None
+        self._engine: object = None  # the engine the config gauges were last set for
+        self._generation = 0
+        self.server: MetricsServer | None = None
+        self._stop = threading.Event()
+
+    def verdict(
+        self,
+        verdict: Verdict,
+        action: str,
+        dmarc_result: str | None,
+        evaluation_seconds: float,
+        message_seconds: float,
+    ) -> None:
+        """Count one judged message (the :class:`~.observer.SessionObserver` protocol)."""
+        result = verdict.result.value
+        key = (result, reason_class(result, verdict.reason), verdict.evidence.value)
+        counter = self._verdicts.get(key)
+        if counter is None:  # a fixed set of keys: created once each
+            counter = self._verdicts[key] = self._m.verdicts.labels(*key)
+        counter.inc()
+        self._actions.get(action, self._actions["other"]).inc()
+        if dmarc_result is not None:
+            self._dmarc.get(dmarc_result, self._dmarc["other"]).inc()
+        self._m.evaluation_seconds.observe(evaluation_seconds)
+        self._m.message_seconds.observe(message_seconds)
+
+    def watch_connections(self, count: Callable[[], int]) -> None:
+        """Where the open-connections gauge reads from (the milter server's count)."""
+        self._connections = count
+
+    def refresh(self) -> None:
+        """Bring the gauges up to date; hooks a resolver a reload brought in."""
+        m, engine = self._m, self._holder.engine
+        resolver = engine.resolver
+        if isinstance(resolver, DnsResolver):
+            if resolver.on_lookup is not self.dns:
+                resolver.on_lookup = self.dns
+            m.dns_cache_entries.set(resolver.cache_entries())
+        m.dns_cache_hit_ratio.set(self.dns.hit_ratio())
+        if self._connections is not None:
+            m.open_connections.set(self._connections())
+        if engine is not self._engine:  # the first engine, or one a reload swapped in
+            self._engine = engine
+            self._generation += 1
+            metrics.config_loaded(self._generation, engine.validator.anchor_count)
+
+    def run_refresher(self) -> None:
+        """Refresh every second in a daemon thread (a worker that serves no HTTP)."""
+
+        def loop() -> None:
+            while not self._stop.wait(WORKER_REFRESH):
+                try:
+                    self.refresh()
+                except Exception:  # never let a gauge stop the updates
+                    log.exception("metrics: gauge refresh failed")
+
+        threading.Thread(target=loop, name="metrics-refresh", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop the HTTP endpoint and the refresher."""
+        self._stop.set()
+        if self.server is not None:
+            self.server.stop()
+
+
+def start_for_daemon(
+    config: Config, holder: EngineHolder, *, serve_http: bool, workers: int = 1
+) -> DaemonMetrics | None:
+    """Metrics for ``mtls-milter serve`` (None when ``[metrics] listen`` is empty).
+
+    ``serve_http``: this process serves /metrics and /healthz (single-process daemon); a
+    pre-forked worker passes False and its parent serves them (``workers`` > 1 after
+    :func:`metrics.setup` in the parent). OSError when the endpoint cannot listen.
+    """
+    if not config.metrics.listen:
+        return None
+    metrics.setup(config, workers)
+    m = metrics.current()
+    if m is None:
+        return None
+    daemon = DaemonMetrics(m, holder)
+    daemon.refresh()
+    if serve_http:
+        metrics.on_scrape(daemon.refresh)
+        daemon.server = metrics.start_server(config, milter_health(config))
+    else:
+        daemon.run_refresher()
+    return daemon
+
+
+def milter_health(config: Config) -> Callable[[], tuple[bool, str]]:
+    """/healthz: the milter socket accepts a connection and the trust store is loaded."""
+    spec = config.milter.socket
+
+    def health() -> tuple[bool, str]:
+        problem = metrics.trust_problem()
+        if problem:
+            return False, f"trust store not loaded: {problem}"
+        refused = socket_accepts(spec)
+        if refused:
+            return False, f"milter socket not accepting: {refused}"
+        return True, ""
+
+    return health
