@@ -272,3 +272,54 @@ def test_concurrency_limit_and_inflight_sharing(pki: TestPki) -> None:
     finally:
         fake.release.set()
         fetcher.shutdown()
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def _fetch_counts() -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mtls_milter.runtime import metrics
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics.render()[0].decode()):
+        for sample in family.samples:
+            if sample.name == "mtls_milter_chain_fetches_total":
+                counts[sample.labels["outcome"]] = sample.value
+            if sample.name == "mtls_milter_chain_fetch_seconds_count":
+                counts["seconds_count"] = sample.value
+    return counts
+
+
+def test_outcomes_are_counted_and_timed(
+    fetcher: ChainFetcher, served: StartTlsServer, pki: TestPki
+) -> None:
+    from mtls_milter.runtime import metrics
+
+    metrics.enable()
+    before = _fetch_counts()
+    config = replace(CONFIG, port=served.port)
+    result(fetcher.start(session_for(pki.leaves["server"]), "127.0.0.1", "", config))  # ok
+    result(fetcher.start(session_for(pki.leaves["server"]), "127.0.0.1", "", config))  # cached
+    wrong = session_for(pki.leaves["client"])
+    result(fetcher.start(wrong, "127.0.0.1", "", config))  # refused, remembered
+    result(fetcher.start(wrong, "127.0.0.1", "", config))  # skipped: recent failure
+    result(fetcher.start(wrong, "127.0.0.1", "", ChainFetchConfig()))  # skipped: not global
+    fresh = ChainFetcher(ehlo_name="mx.receiver.test")  # nothing cached
+    with StartTlsServer("127.0.0.1", hang=True, hang_seconds=10) as server:
+        _bounded(fresh, pki, server.port, timeout=0.3)  # timeout
+    fresh.shutdown()
+    after = _fetch_counts()
+
+    def moved(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert {k: moved(k) for k in ("ok", "refused", "skipped", "timeout", "failed")} == {
+        "ok": 1,
+        "refused": 1,
+        "skipped": 2,
+        "timeout": 1,
+        "failed": 0,
+    }
+    assert moved("seconds_count") == 3  # the fetches that talked to a host

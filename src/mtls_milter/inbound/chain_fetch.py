@@ -11,6 +11,9 @@ Bounded everywhere: one deadline per fetch (``[chain_fetch] timeout``), at most
 ``max_concurrent`` fetches in flight (beyond that a message goes without), a positive cache by
 leaf fingerprint, a negative cache by address, and fetches run in their own threads so a slow
 peer only ever delays its own message, by at most the timeout.
+
+With metrics on, each fetch is counted by outcome (ok, failed, timeout, refused: the host served
+another certificate or too long a chain; skipped: wanted but not done) and timed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.core.evidence import TlsSession, chain_binding
 from mtls_milter.core.lru import TimedLRU
 from mtls_milter.net.starttls import StartTlsResult, starttls_chain
+from mtls_milter.runtime import metrics
 
 __all__ = ["MAX_CHAIN", "ChainFetcher", "FetchOutcome", "fetch_allowed"]
 
@@ -121,6 +125,7 @@ class ChainFetcher:
         if not key:
             return _done(FetchOutcome(detail="no certificate fingerprint for this session"))
         if not fetch_allowed(address, config.allow_private):
+            _record("skipped")
             return _done(FetchOutcome(detail=f"chain fetch not done: {address} is not global"))
         now = self._clock()
         inflight_key = (address, config.port, key)
@@ -129,6 +134,7 @@ class ChainFetcher:
                 f"{address}|{key}", now
             )
             if reason is not None:
+                _record("skipped")
                 return _done(FetchOutcome(detail=f"chain fetch skipped (recent failure: {reason})"))
             running = self._inflight.get(inflight_key)
             if running is not None:
@@ -136,6 +142,7 @@ class ChainFetcher:
             if len(self._inflight) >= config.max_concurrent:
                 detail = f"chain fetch skipped: {config.max_concurrent} fetches already running"
                 log.warning("%s (client %s)", detail, address)
+                _record("skipped")
                 return _done(FetchOutcome(detail=detail))
             future: Future[FetchOutcome] = Future()
             self._inflight[inflight_key] = future
@@ -164,6 +171,7 @@ class ChainFetcher:
             outcome = self._fetch_and_bind(session, address, port, server_name, config, key)
         except Exception as exc:  # never let a peer's behaviour escape the worker
             log.exception("chain fetch from %s:%d failed", address, port)
+            _record("failed")
             outcome = FetchOutcome(detail=f"chain fetch failed: {type(exc).__name__}", fetched=True)
         finally:
             with self._lock:
@@ -187,13 +195,16 @@ class ChainFetcher:
         where = f"{address}:{port}"
         if result.error or not result.chain:
             reason = result.error or "no certificate served"
+            _record("timeout" if reason.startswith("timed out") else "failed", elapsed)
             return self._failure(address, reason, config, f"from {where} ({elapsed:.2f} s)")
         chain = tuple(result.chain)
         if len(chain) > MAX_CHAIN:
             reason = f"{len(chain)} certificates served (more than {MAX_CHAIN})"
+            _record("refused", elapsed)
             return self._failure(address, reason, config, f"from {where}")
         binding = chain_binding(session, chain[0])
         if not binding:
+            _record("refused", elapsed)
             reason = "the host serves a different certificate"
             served = fingerprint_sha256(chain[0])
             log.info(
@@ -214,6 +225,7 @@ class ChainFetcher:
                 expires = self._clock() + config.cache_ttl
                 self._chains.put_until(fingerprint_sha256(chain[0]), chain, expires)
                 self._chains.put_until("md5:" + _md5(chain[0]), chain, expires)
+        _record("ok", elapsed)
         note = (
             " (bound by MD5 only: the MTA sent no SHA-256 fingerprint)" if binding == "md5" else ""
         )
@@ -234,6 +246,16 @@ class ChainFetcher:
             if config.negative_ttl:
                 self._failed.put_until(address, reason, self._clock() + config.negative_ttl)
         return FetchOutcome(detail=f"chain fetch failed: {reason}", fetched=True)
+
+
+def _record(outcome: str, seconds: float | None = None) -> None:
+    """Count a fetch (ok|failed|timeout|refused) or a fetch wanted but not done (skipped)."""
+    m = metrics.current()
+    if m is None:
+        return
+    m.chain_fetches.labels(outcome).inc()
+    if seconds is not None:
+        m.chain_fetch_seconds.observe(seconds)
 
 
 def _done(outcome: FetchOutcome) -> Future[FetchOutcome]:
