@@ -3,6 +3,7 @@ the lookup pool, and the budget of a MAIL FROM lookup (what a burst of cold mail
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -313,6 +314,21 @@ def test_shutdown_can_cancel_calls_still_waiting_for_a_thread() -> None:
     release.set()
     assert running.result(timeout=5) is True
     assert waiting.cancelled()
+
+
+def test_a_forked_child_starts_its_own_threads() -> None:
+    pool = LookupPool()
+    assert pool.submit(lambda: 1).result() == 1  # the parent now has an idle thread
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's idle thread does not exist here
+        code = 1
+        try:
+            code = 0 if pool.submit(lambda: 42).result(timeout=2) == 42 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    pool.shutdown()
 
 
 def test_the_deadline_of_a_lookup_counts_from_its_start_and_pauses_while_it_waits() -> None:

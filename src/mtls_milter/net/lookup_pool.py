@@ -16,6 +16,7 @@ one of its domain's lookup slots (:func:`budget_paused`, used by :mod:`mtls_milt
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -132,12 +133,18 @@ class LookupPool(Executor):
         self._max_threads = max(1, max_threads)
         self._idle_seconds = idle_seconds
         self._name = name
+        self._started = 0  # for thread names
+        self._shutdown = False
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh bookkeeping: at creation, and in a forked child (the parent's threads, their
+        idle tokens and a lock one of them held do not exist there)."""
+        self._pid = os.getpid()
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)  # one token per idle thread
         self._lock = threading.Lock()
         self._threads = 0
-        self._started = 0  # for thread names
-        self._shutdown = False
 
     @property
     def threads(self) -> int:
@@ -147,6 +154,8 @@ class LookupPool(Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> LookupFuture[T]:
         """Run ``fn(*args, **kwargs)`` now; the future is a :class:`LookupFuture`."""
         future: LookupFuture[T] = LookupFuture()
+        if os.getpid() != self._pid:
+            self._reset()
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
