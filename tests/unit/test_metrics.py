@@ -190,5 +190,5 @@ def test_workers_counts_add_up_and_a_dead_workers_gauges_vanish(tmp_path: Path) 
 
 
 def test_an_unknown_rrtype_or_action_never_becomes_a_label() -> None:
-    assert "other" not in metrics_observer.RRTYPES
+    assert "other" not in metrics.RRTYPES
     assert {"accept", "reject", "tempfail", "quarantine"} == metrics_observer.ACTIONS

@@ -7,12 +7,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support.dnsserver import TestDnsServer
 from support.policy_map import PolicyMapController, socketmap_query
+from support.ports import free_port, wait_for_port
 
 from mtls_milter.config import ConfigError, PolicyMapConfig, config_from_mapping
 from mtls_milter.net.dns import DnsResolver
@@ -264,3 +267,41 @@ def test_policy_map_config_section() -> None:
     ]:
         with pytest.raises(ConfigError, match=rf"\[policy_map\] {key}"):
             config_from_mapping({"policy_map": {key: value}})
+
+
+def test_command_serves_its_own_metrics(zone: TestDnsServer, tmp_path: Path) -> None:
+    """[metrics] policy_map_listen: answers counted by kind, /healthz on the map's socket."""
+    port, metrics_port = free_port(), free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[dns]\nnameservers = ["{zone.nameserver}"]\n'
+        f'[policy_map]\nsocket = "inet:{port}@127.0.0.1"\n'
+        f'[metrics]\npolicy_map_listen = "127.0.0.1:{metrics_port}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtls_milter", "policy-map", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(metrics_port)
+        queries = [b"mtls receiver.test", b"mtls plain.test", b"mtls broken.test", b"nokey"]
+        replies = socketmap_query(("127.0.0.1", port), queries, 4)
+        assert [r.split(" ")[0] for r in replies] == ["OK", "NOTFOUND", "TEMP", "PERM"]
+        base = f"http://127.0.0.1:{metrics_port}"
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as answer:
+            assert answer.read() == b"ok\n"
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    answers = {
+        s.labels["kind"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "mtls_milter_policy_map_answers_total"
+    }
+    assert answers == {"OK": 1, "NOTFOUND": 1, "TEMP": 1, "PERM": 1}
+    assert 'mtls_milter_dns_cache_lookups_total{outcome="miss"}' in text

@@ -24,42 +24,14 @@ from mtls_milter.core.reason_class import reason_class
 from mtls_milter.inbound.session import EngineHolder
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.runtime import metrics
-from mtls_milter.runtime.metrics import Metrics
+from mtls_milter.runtime.metrics import DnsLookupMetrics, Metrics
 from mtls_milter.runtime.metrics_http import MetricsServer, socket_accepts
 
 log = logging.getLogger("mtls_milter")
 
 ACTIONS = frozenset({"accept", "reject", "tempfail", "quarantine"})
 DMARC_RESULTS = frozenset({"pass", "fail", "none", "temperror", "permerror"})
-RRTYPES = frozenset({"client_mx", "mx", "a", "aaaa", "txt"})
 WORKER_REFRESH = 1.0  # seconds between a worker's gauge updates
-
-
-class DnsLookupMetrics:
-    """``DnsResolver.on_lookup``: the DNS histogram (answers from the network only; a cache
-    hit costs no time) and the cache hit/miss counters, with this process's hit ratio."""
-
-    def __init__(self, m: Metrics) -> None:
-        self._hit = m.dns_cache_lookups.labels("hit")
-        self._miss = m.dns_cache_lookups.labels("miss")
-        self._seconds = {rr: m.dns_lookup_seconds.labels(rr) for rr in RRTYPES}
-        self.hits = 0
-        self.misses = 0
-
-    def __call__(self, rrtype: str, seconds: float, cached: bool) -> None:
-        if cached:
-            self.hits += 1
-            self._hit.inc()
-            return
-        self.misses += 1
-        self._miss.inc()
-        histogram = self._seconds.get(rrtype)
-        if histogram is not None:
-            histogram.observe(seconds)
-
-    def hit_ratio(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
 
 class DaemonMetrics:

@@ -9,6 +9,10 @@ Requests on one connection may be pipelined: they are resolved concurrently (in 
 dnspython being synchronous) and answered strictly in request order. A framing error (bad
 length, missing comma, a request longer than ``[policy_map] max_request``) is answered
 ``PERM <reason>`` and the connection is closed, since the stream has no boundaries left to trust.
+
+With ``[metrics] policy_map_listen`` set, this process serves its own ``/metrics`` and
+``/healthz`` (docs/observability.md): answers by kind (OK, NOTFOUND, TEMP, PERM) and its DNS
+lookups.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from mtls_milter.core.quote import quote
 from mtls_milter.errors import StartupError
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.outbound.netstring import NetstringError, NetstringReader, encode
+from mtls_milter.runtime import metrics
 from mtls_milter.runtime.logsetup import configure_logging
+from mtls_milter.runtime.metrics_http import MetricsServer, socket_accepts
 from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
 from mtls_milter.runtime.stream_service import Listener, StreamService
@@ -47,6 +53,7 @@ IDLE_TIMEOUT = 600.0  # seconds without a request before a connection is closed
 MAX_PIPELINE = 32  # requests in flight per connection; more: stop reading until answered
 WORKER_THREADS = 16
 UNIX_SOCKET_MODE = 0o666  # the socket gives out only public DNS facts; Postfix runs as postfix
+ANSWER_KINDS = frozenset({"OK", "NOTFOUND", "TEMP", "PERM"})
 
 
 def add_parser(commands: Any) -> None:
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 async def _main(config: Config, resolver: MxResolver) -> None:
     service = PolicyMapService(config.policy_map, resolver, budget=config.dns.budget)
     server = await service.listen()
+    endpoint = _start_metrics(config, resolver)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -100,7 +108,30 @@ async def _main(config: Config, resolver: MxResolver) -> None:
         notify("STOPPING=1")
         server.close()
         await service.close()
+        if endpoint is not None:
+            endpoint.stop()
         log.info("stopped")
+
+
+def _start_metrics(config: Config, resolver: MxResolver) -> MetricsServer | None:
+    """Serve /metrics and /healthz when ``[metrics] policy_map_listen`` is set."""
+    listen = config.metrics.policy_map_listen
+    if not listen:
+        return None
+    m = metrics.enable()
+    if isinstance(resolver, DnsResolver):
+        resolver.on_lookup = metrics.DnsLookupMetrics(m)
+    spec = config.policy_map.socket
+
+    def health() -> tuple[bool, str]:
+        refused = socket_accepts(spec)
+        return (False, f"policy map socket not accepting: {refused}") if refused else (True, "")
+
+    try:
+        return metrics.start_server(config, health, listen=listen)
+    except OSError as exc:
+        what = f"[metrics] policy_map_listen {listen}"
+        raise StartupError(f"cannot listen on {what}: {exc}") from None
 
 
 class PolicyMapService(StreamService):
@@ -185,6 +216,7 @@ class PolicyMapService(StreamService):
             except Exception:
                 log.exception("policy lookup failed")
                 reply = "TEMP internal error"
+            _count_answer(reply)
             if broken:
                 continue
             try:
@@ -228,6 +260,14 @@ class PolicyMapService(StreamService):
         level = logging.DEBUG if decision.kind is PolicyKind.NOTFOUND else logging.INFO
         log.log(level, "%s: %s (%s)", who, shown, decision.reason)
         return reply
+
+
+def _count_answer(reply: str) -> None:
+    m = metrics.current()
+    if m is not None:
+        kind = reply.split(" ", 1)[0]
+        if kind in ANSWER_KINDS:
+            m.policy_map_answers.labels(kind).inc()
 
 
 async def _ready(reply: str) -> str:

@@ -53,6 +53,7 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+RRTYPES = frozenset({"client_mx", "mx", "a", "aaaa", "txt"})  # DNS histogram labels
 TRUST_PREFIX = "trust anchors:"  # how a reload refused for its trust store is worded
 TRUST_FILE = "trust-problem.{pid}.txt"  # multiprocess mode: a worker's trust problem
 
@@ -144,6 +145,33 @@ class Metrics:
         self.trust_anchors = make.gauge("trust_anchors", "Trust anchors loaded.", "livemin")
         self.workers = make.gauge("workers", "Live worker processes.", "livemax")
         self.build_info = make.gauge("build_info", "Always 1; the version.", "livemax", "version")
+
+
+class DnsLookupMetrics:
+    """``DnsResolver.on_lookup``: the DNS histogram (answers from the network only; a cache
+    hit costs no time) and the cache hit/miss counters, with this process's hit ratio."""
+
+    def __init__(self, m: Metrics) -> None:
+        self._hit = m.dns_cache_lookups.labels("hit")
+        self._miss = m.dns_cache_lookups.labels("miss")
+        self._seconds = {rr: m.dns_lookup_seconds.labels(rr) for rr in RRTYPES}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, rrtype: str, seconds: float, cached: bool) -> None:
+        if cached:
+            self.hits += 1
+            self._hit.inc()
+            return
+        self.misses += 1
+        self._miss.inc()
+        histogram = self._seconds.get(rrtype)
+        if histogram is not None:
+            histogram.observe(seconds)
+
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
 
 
 @dataclass

@@ -46,9 +46,9 @@ class MetricsHttp(StreamService):
     """Answers one request per connection with :func:`render` or ``health``."""
 
     def __init__(self, listen: str, render: Render, health: Health) -> None:
-        self.host, self.port = parse_host_port(listen)
+        host, port = parse_host_port(listen)
         super().__init__(
-            f"inet:{self.port}@{self.host}",
+            f"inet:{port}@{host}",
             socket_mode=0,
             log=log,
             max_connections=MAX_CONNECTIONS,
@@ -57,6 +57,7 @@ class MetricsHttp(StreamService):
         )
         self._render = render
         self._health = health
+        self.host, self.port = host, port  # after the base class set port = 0
 
     async def listen(self) -> Listener:
         """Listen on every address of the host (all of them for an empty host)."""
