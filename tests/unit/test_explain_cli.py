@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -360,3 +361,85 @@ def test_hostile_values_are_printed_clipped_and_escaped(
     assert "\\x1b[2Jevil" in out
     assert "HELO h\\r\\nX-Injected: 1," in out
     assert all(len(row) < 700 for row in out.splitlines())
+
+
+def test_the_example_in_the_troubleshooting_guide_is_true(
+    capsys: pytest.CaptureFixture[str], dns_server: TestDnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/troubleshooting.md shows a command and its output; the demo DNS publishes this."""
+    guide = (Path(__file__).parents[2] / "docs" / "troubleshooting.md").read_text()
+    pattern = r"^echo '(.*)' \| \.venv/bin/mtls-milter explain - --dns 127\.0\.0\.1:5399$"
+    command = re.search(pattern, guide, re.M)
+    assert command is not None
+    shown = re.search(r"\n```\n\n```\n(1\. Logged.*?)```\n", guide[command.end() :], re.S)
+    assert shown is not None
+    dns_server.add("sender.example", 265, "10 out.sender.example.")  # what `make demo` serves
+    status, out, _ = explain(capsys, dns_server, "-", stdin=command[1], monkeypatch=monkeypatch)
+    assert status == 0
+    assert out == shown[1]
+
+
+def test_the_action_under_the_given_policy_and_a_dry_run(
+    capsys: pytest.CaptureFixture[str],
+    sender_dns: TestDnsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "mtls-milter.toml"
+    config.write_text('[policy]\non_fail = "reject"\ndry_run = true\n')
+    line = verdict_line(**{**MISMATCH, "dry_run": True})
+    status, out, _ = explain(
+        capsys, sender_dns, "-", "--config", str(config), stdin=line, monkeypatch=monkeypatch
+    )
+    assert status == 0
+    assert "   action reject (dry run)\n" in out
+    assert "action under the current policy: accept (dry run; would reject)\n" in out
+    assert "[policy] differs" not in out
+    config.write_text('[policy]\non_fail = "annotate"\n')
+    monkeypatch.setattr(sys, "stdin", io.StringIO(line))
+    assert main(["explain", "-", "--config", str(config), "--dns", sender_dns.nameserver]) == 0
+    out = capsys.readouterr().out
+    assert "(logged action reject: the daemon's [policy] differs; --config?)" in out
+
+
+def test_without_log_the_journal_then_the_mail_logs_are_searched(
+    capsys: pytest.CaptureFixture[str],
+    sender_dns: TestDnsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    journalctl = bin_dir / "journalctl"
+    prefix = "2026-11-29T23:00:01+0000 mx mtls-milter[4242]: "
+    journal_line = verdict_line(prefix + "INFO mtls_milter: ", queue_id="JRNL1")
+    journalctl.write_text(
+        f"#!/bin/sh\necho \"$*\" > {tmp_path}/args\ncat <<'EOF'\n{journal_line}\nEOF\n"
+    )
+    journalctl.chmod(0o755)
+    mail_log = tmp_path / "mail.log"
+    mail_log.write_text(verdict_line(queue_id="FILE1") + "\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(
+        "mtls_milter.cli.explain.DEFAULT_LOG_FILES", (str(mail_log), "/nonexistent")
+    )
+    status, out, _ = explain(capsys, sender_dns, "JRNL1")
+    assert status == 0
+    assert "1. Logged at 2026-11-29T23:00:01+0000, queue id JRNL1:" in out
+    assert (tmp_path / "args").read_text().split() == [
+        "-u", "mtls-milter", "-o", "short-iso", "--no-pager", "-q",
+    ]  # fmt: skip
+    status, out, _ = explain(capsys, sender_dns, "FILE1")
+    assert status == 0
+    assert "queue id FILE1" in out
+    status, _, err = explain(capsys, sender_dns, "GONE1")
+    assert status == 3
+    assert err == (
+        "mtls-milter: no verdict line for queue id GONE1 in the journal of "
+        f"mtls-milter.service, {mail_log}\n"
+    )
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr("mtls_milter.cli.explain.DEFAULT_LOG_FILES", ("/nonexistent",))
+    status, _, err = explain(capsys, sender_dns, "GONE1")
+    assert status == 2
+    assert "no log to search" in err

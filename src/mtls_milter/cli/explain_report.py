@@ -223,6 +223,9 @@ def _chain_lines(ex: Explanation) -> list[str]:
     return lines
 
 
+_MTLS_ACTIONS = ("accept", "reject", "tempfail")
+
+
 def _verdict_lines(ex: Explanation) -> list[str]:
     verdict = ex.now.verdict
     if verdict is None:
@@ -230,6 +233,11 @@ def _verdict_lines(ex: Explanation) -> list[str]:
     else:
         now = f"mtls={verdict.result.value}: {clip(verdict.reason, 400)} [{ex.now_class}]"
     lines = [f"5. Verdict now: {now}", f"   action under the current policy: {ex.now.action}"]
+    then, log = ex.logged.action, ex.logged
+    same_result = verdict is not None and verdict.result is log.result
+    # DMARC may have set the logged action: then it cannot be compared with mtls's alone.
+    if same_result and not log.dmarc and then in _MTLS_ACTIONS and then != ex.now.policy_action:
+        lines.append(f"   (logged action {then}: the daemon's [policy] differs; --config?)")
     if ex.agrees:
         lines.append("   agrees with the log")
     lines += [f"   CHANGED: {change}" for change in ex.changes]

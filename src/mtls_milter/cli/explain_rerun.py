@@ -38,6 +38,7 @@ from mtls_milter.errors import InputError
 
 MAX_NAMES_COMPARED = 50  # certificate names from the log (outside data: any number)
 CHAIN_INVALID = "chain invalid: "
+DRY_RUN = "accept (dry run; would "
 
 # The reasons a verdict gives when the evidence itself is missing, and the TLS facts they imply.
 _EVIDENCE_PROBLEMS = (
@@ -154,7 +155,12 @@ class Rerun:
     evidence: RecordedEvidence
     compared_with: str  # "Client MX" or "MX": which host list the names are compared with
     checks: tuple[NameCheck, ...]
-    action: str  # what the current [policy] does with the verdict
+    action: str  # what the current [policy] does with the verdict, dry run included
+
+    @property
+    def policy_action(self) -> str:
+        """The action the policy decides, as the log line records it (also in a dry run)."""
+        return self.action.removeprefix(DRY_RUN).removesuffix(")")
 
 
 def rerun(logged: LoggedVerdict, config: Config, resolver: MxResolver) -> Rerun:
@@ -191,7 +197,7 @@ def rerun(logged: LoggedVerdict, config: Config, resolver: MxResolver) -> Rerun:
 def _action(verdict: Verdict, config: Config) -> str:
     action = action_for(verdict, config.policy).value
     if config.policy.dry_run and action != "accept":
-        return f"accept (dry run; would {action})"
+        return f"{DRY_RUN}{action})"
     return action
 
 
