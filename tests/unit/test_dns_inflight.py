@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from mtls_milter.config import config_from_mapping
 from mtls_milter.core.lookups import LookupStatus, lookup_group, query_name
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.session import EngineHolder, MilterSession
+from mtls_milter.inbound.session_evidence import _prefetch_done
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.net.lookup_pool import LookupFuture, LookupPool, budget_paused, lookup_deadline
 
@@ -358,6 +360,36 @@ def test_the_deadline_of_a_lookup_counts_from_its_start_and_pauses_while_it_wait
     plain: Future[int] = Future()
     assert lookup_deadline(plain, 5.0, since=100.0) == 105.0
     pool.shutdown()
+
+
+def prefetch_wait(budget: float, work: Callable[[], str]) -> tuple[bool, LookupFuture[str]]:
+    """End of message's wait for a MAIL FROM lookup running ``work`` on a LookupPool."""
+    pool = LookupPool()
+    tx = SimpleNamespace(
+        engine=SimpleNamespace(config=SimpleNamespace(dns=SimpleNamespace(budget=budget))),
+        started=time.monotonic(),
+    )
+    future = pool.submit(work)
+    done = _prefetch_done(tx, future)  # type: ignore[arg-type]
+    pool.shutdown(wait=False)
+    return done, future
+
+
+def test_end_of_message_waits_through_a_lookups_pause_for_a_slot() -> None:
+    def paused_lookup() -> str:
+        with budget_paused():
+            time.sleep(0.4)  # longer than the whole budget, but not charged to it
+        return "answer"
+
+    done, future = prefetch_wait(0.3, paused_lookup)
+    assert done and future.result() == "answer"
+
+
+def test_end_of_message_stops_waiting_at_the_lookups_own_deadline() -> None:
+    release = threading.Event()
+    done, future = prefetch_wait(0.2, lambda: "late" if release.wait(5) else "")
+    assert not done and not future.done()
+    release.set()
 
 
 # --- the domain group --------------------------------------------------------------------------
