@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 from fixtures_acme import Account, MxHosts, new_account
+from prometheus_client.parser import text_string_to_metric_families
 from support.httphost import Reply, Request
 from support.pki import TestPki
 
@@ -512,3 +513,27 @@ def test_more_mx_hosts_than_the_cap_are_refused_without_fetching(
     assert result.status is Status.INVALID
     assert result.reason == "many.test publishes 40 MX hosts; this validator checks at most 32"
     assert result.hosts == ()
+
+
+def test_validations_are_counted_where_metrics_are_on(
+    three_hosts: MxHosts, acme_account: Account, acme_token: str
+) -> None:
+    from mtls_milter.runtime import metrics
+
+    def counts() -> dict[str, float]:
+        text = metrics.render()[0].decode()
+        return {
+            s.labels["result"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "mtls_milter_acme_validations_total"
+        }
+
+    metrics.enable()
+    before = counts()
+    serve_all(three_hosts, acme_token, acme_account.key_authorization(acme_token))
+    three_hosts.validate(CLIENT, "sender.test", acme_token, acme_account.thumbprint)
+    three_hosts.validate(CLIENT, "sender.test", "x" * 43, acme_account.thumbprint)  # 404s
+    after = counts()
+    assert after.get("valid", 0) - before.get("valid", 0) == 1
+    assert after.get("invalid", 0) - before.get("invalid", 0) == 1

@@ -40,6 +40,7 @@ from mtls_milter.acme.results import (
 )
 from mtls_milter.core.lookups import AddressLookup, HostLookup, LookupStatus, query_name
 from mtls_milter.core.quote import quote
+from mtls_milter.runtime import metrics
 
 __all__ = ["CHALLENGE_PATH", "HostResolver", "validate"]
 
@@ -71,7 +72,7 @@ def validate(
     clock: Callable[[], float] = time.monotonic,
 ) -> ValidationResult:
     """Validate one challenge; ValueError for malformed input (type, domain, token, thumbprint)."""
-    return _Validation(
+    result = _Validation(
         ChallengeType(challenge_type),
         query_name(domain),
         check_token(token),
@@ -81,6 +82,12 @@ def validate(
         policy or ValidatorPolicy(),
         clock,
     ).run()
+    # Counted only where metrics are on: a long-running process that validates. The one-shot
+    # `mtls-milter acme validate` command ends before any scrape; its output is its record.
+    m = metrics.current()
+    if m is not None:
+        m.acme_validations.labels(result.status.value).inc()
+    return result
 
 
 @dataclass
