@@ -75,6 +75,7 @@ class MilterConfig:
     group: str = ""  # ... and this group (default: the user's primary group)
     socket_mode: str = "0660"  # permissions of a unix socket (the MTA must be able to connect)
     transport: MilterTransport = MilterTransport.ASYNCIO
+    workers: int = 1  # processes serving the milter socket ("auto": one per CPU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,7 @@ _SCHEMA: dict[str, dict[str, v.Converter]] = {
         "group": v.string,
         "socket_mode": v.octal_mode,
         "transport": v.enum_of(MilterTransport),
+        "workers": v.workers,
     },
     "dns": {
         "nameservers": v.list_of(v.checked_by(parse_nameserver)),

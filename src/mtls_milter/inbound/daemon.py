@@ -48,11 +48,12 @@ import milter
 from mtls_milter.config import Config, MilterTransport
 from mtls_milter.engine import Engine
 from mtls_milter.errors import StartupError
-from mtls_milter.inbound import asyncio_daemon
+from mtls_milter.inbound import asyncio_daemon, workers
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.daemon_common import (
     EngineReloader,
     build_engine,
+    config_summary,
     drop_privileges,
     start_policy_service,
 )
@@ -96,8 +97,17 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
         engine = build_engine(args.config)
-        if engine.config.milter.transport is MilterTransport.ASYNCIO:
+        milter_config = engine.config.milter
+        if milter_config.transport is MilterTransport.ASYNCIO:
+            if milter_config.workers > 1:
+                return workers.serve(args.config, engine)
             return asyncio_daemon.serve(args.config, engine)
+        if milter_config.workers > 1:
+            raise StartupError(
+                f'[milter] workers = {milter_config.workers} needs transport = "asyncio": '
+                "libmilter (pymilter) opens its own socket and runs its own threads, so its "
+                "process cannot be forked into workers (docs/operations.md, Workers)"
+            )
         daemon = Daemon.start(args.config, engine)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
@@ -142,11 +152,7 @@ class Daemon:
         start_with_signals_blocked(daemon._thread)
         notify("READY=1")
         log.info(
-            "started: socket=%s policy_service=%s config=%s trust=%s",
-            engine.config.milter.socket,
-            engine.config.policy_service.socket or "off",
-            engine.config.source,
-            "; ".join(engine.trust_sources),
+            "started: %s trust=%s", config_summary(engine.config), "; ".join(engine.trust_sources)
         )
         return daemon
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from mtls_milter import __version__
 from mtls_milter.config import Config, ConfigError, DnsConfig, load_config
 from mtls_milter.core.certs import CertificateInputError
 from mtls_milter.engine import Engine
@@ -44,28 +45,28 @@ def build_engine(config_path: str | None) -> Engine:
 class EngineReloader:
     """Swaps the holder's engine for one built from the configuration file again."""
 
-    def __init__(self, config_path: str | None, holder: EngineHolder) -> None:
+    def __init__(
+        self,
+        config_path: str | None,
+        holder: EngineHolder,
+        announce: Callable[[], str] = lambda: "reloaded",
+    ) -> None:
         self._config_path = config_path
         self._holder = holder
+        self._announce = announce  # the first words of the success line
         self._dns_inputs = resolver_inputs(holder.engine.config.dns)
 
-    def reload(self, trigger: str = "") -> None:
-        """Reload (see the module docstring); every outcome is one log line."""
+    def reload(self, trigger: str = "") -> bool:
+        """Reload (see the module docstring); every outcome is one log line. False: refused."""
         notify("RELOADING=1")
         try:
             engine = build_engine(self._config_path)
         except StartupError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             notify("READY=1")
-            return
+            return False
         old = self._holder.engine
-        new_milter, old_milter = engine.config.milter, old.config.milter
-        if (new_milter.socket, new_milter.transport) != (old_milter.socket, old_milter.transport):
-            log.warning(
-                "reload: [milter] socket or transport changed; takes effect only after a restart"
-            )
-        if engine.config.policy_service != old.config.policy_service:
-            log.warning("reload: [policy_service] changed; takes effect only after a restart")
+        warn_restart_only(old.config, engine.config)
         dns_inputs = resolver_inputs(engine.config.dns)
         if dns_inputs == self._dns_inputs:
             engine = dataclasses.replace(engine, resolver=old.resolver)
@@ -76,12 +77,64 @@ class EngineReloader:
         self._holder.engine = engine
         notify("READY=1")
         log.info(
-            "reloaded: config=%s trust=%s dns=%s%s",
+            "%s: changed=%s config=%s trust=%s dns=%s%s",
+            self._announce(),
+            config_changes(old.config, engine.config),
             engine.config.source,
             "; ".join(engine.trust_sources),
             dns,
             f" signal={trigger}" if trigger else "",
         )
+        return True
+
+
+def warn_restart_only(old: Config, new: Config) -> None:
+    """Log the changes a reload cannot apply (sockets, transport, worker count)."""
+    keys = ("socket", "transport", "workers")
+    if any(getattr(new.milter, key) != getattr(old.milter, key) for key in keys):
+        log.warning(
+            "reload: [milter] socket, transport or workers changed; takes effect only after a "
+            "restart"
+        )
+    if new.policy_service != old.policy_service:
+        log.warning("reload: [policy_service] changed; takes effect only after a restart")
+
+
+def config_changes(old: Config, new: Config) -> str:
+    """``section.key`` of every value that differs, comma-separated; ``none`` when none does."""
+    changed = [
+        f"{section.name}.{key.name}"
+        for section in dataclasses.fields(Config)
+        if section.name != "source"
+        for key in dataclasses.fields(getattr(new, section.name))
+        if getattr(getattr(old, section.name), key.name)
+        != getattr(getattr(new, section.name), key.name)
+    ]
+    return ",".join(changed) or "none"
+
+
+def config_summary(config: Config) -> str:
+    """One line of what the daemon runs with (the start-up line)."""
+    dns, policy, dmarc = config.dns, config.policy, config.dmarc
+    metrics = getattr(config, "metrics", None)
+    listen = getattr(metrics, "listen", "") if metrics is not None else ""
+    return " ".join(
+        (
+            f"version={__version__}",
+            f"socket={config.milter.socket}",
+            f"transport={config.milter.transport}",
+            f"workers={config.milter.workers}",
+            f"policy_service={config.policy_service.socket or 'off'}",
+            f"dns={','.join(dns.nameservers) or 'system'}",
+            f"dns_budget={dns.budget:g}s",
+            f"on_fail={policy.on_fail}",
+            f"on_temperror={policy.on_temperror}",
+            f"dmarc={'off' if not dmarc.enabled else 'enforce' if dmarc.enforce else 'annotate'}",
+            f"chain_fetch={'on' if config.chain_fetch.enabled else 'off'}",
+            f"metrics={listen or 'off'}",
+            f"config={config.source}",
+        )
+    )
 
 
 def resolver_inputs(dns: DnsConfig) -> tuple[object, ...]:

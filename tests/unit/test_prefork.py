@@ -1,0 +1,276 @@
+"""Pre-forked workers without an MTA: restart backoff, ``[milter] workers``, the policy lookup
+channel (failures read as "no record"), the supervisor's life cycle in a subprocess, and the
+refusal of workers on the pymilter transport. With real Postfix: tests/e2e/test_workers.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtls_milter.config import Config, ConfigError, config_from_mapping
+from mtls_milter.inbound.daemon_common import config_changes
+from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
+from mtls_milter.inbound.shared_sessions import RemoteSessionTable, answer_lookup, decode_facts
+from mtls_milter.runtime.prefork import RestartBackoff, describe_status
+from mtls_milter.runtime.worker_link import ID, MAX_MESSAGE, WorkerLink
+
+FACTS = PolicyFacts(fingerprint="AB:" * 31 + "AB", protocol="TLSv1.3", helo="out.sender.test")
+
+
+# -- restart backoff ----------------------------------------------------------------------------
+
+
+def test_a_worker_dying_young_waits_longer_each_time_up_to_the_cap() -> None:
+    backoff = RestartBackoff(stable_after=10.0, first=0.5, top=30.0)
+    delays = [backoff.delay(0, lived=0.1) for _ in range(9)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def test_a_worker_that_lived_long_is_restarted_quickly_and_resets_its_slot() -> None:
+    backoff = RestartBackoff(stable_after=10.0, first=0.5, top=30.0)
+    backoff.delay(1, lived=0.1)
+    backoff.delay(1, lived=0.1)
+    assert backoff.delay(1, lived=60.0) == 0.1
+    assert backoff.delay(1, lived=0.1) == 0.5  # counting starts over
+    assert backoff.delay(2, lived=0.1) == 0.5  # slots are independent
+
+
+def test_wait_status_in_words() -> None:
+    assert describe_status(signal.SIGKILL) == "killed by signal SIGKILL"
+    assert describe_status(3 << 8) == "exited with status 3"
+
+
+# -- [milter] workers ---------------------------------------------------------------------------
+
+
+def test_workers_default_to_one() -> None:
+    assert Config().milter.workers == 1
+
+
+@pytest.mark.parametrize("value", [1, 2, 64])
+def test_workers_take_an_integer_from_1_to_64(value: int) -> None:
+    assert config_from_mapping({"milter": {"workers": value}}).milter.workers == value
+
+
+def test_workers_auto_is_one_per_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert config_from_mapping({"milter": {"workers": "auto"}}).milter.workers == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: 512)
+    assert config_from_mapping({"milter": {"workers": "auto"}}).milter.workers == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert config_from_mapping({"milter": {"workers": "auto"}}).milter.workers == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, "two", "AUTO", True, 1.5, [2]])
+def test_other_workers_values_are_refused(value: object) -> None:
+    with pytest.raises(ConfigError, match=r'\[milter\] workers = .*integer from 1 to 64 or "auto"'):
+        config_from_mapping({"milter": {"workers": value}})
+
+
+def test_config_changes_name_each_changed_key() -> None:
+    old = Config()
+    assert config_changes(old, old) == "none"
+    new = replace(
+        old,
+        policy=replace(old.policy, on_fail=type(old.policy.on_fail)("reject")),
+        dns=replace(old.dns, budget=9.0),
+        source="elsewhere",  # where it came from is not a change of configuration
+    )
+    assert config_changes(old, new) == "dns.budget,policy.on_fail"
+
+
+# -- the policy lookup channel ------------------------------------------------------------------
+
+
+class Parent:
+    """The parent's end of a channel, answering from a SessionTable in a thread (or not)."""
+
+    def __init__(self, table: SessionTable, *, answer: bool = True, reply: bytes = b"") -> None:
+        self.sock, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.link = WorkerLink(worker_end, 0)
+        self.table, self.answer, self.reply = table, answer, reply
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while message := self.sock.recv(MAX_MESSAGE):
+            if not self.answer:
+                continue
+            ident, request = message[1 : 1 + ID.size], message[1 + ID.size :]
+            self.sock.send(ident + (self.reply or answer_lookup(self.table, request)))
+
+
+@pytest.fixture
+def table() -> SessionTable:
+    table = SessionTable()
+    table.record("192.0.2.7", "40000", FACTS)
+    return table
+
+
+def test_a_worker_reads_the_parents_record(table: SessionTable) -> None:
+    remote = RemoteSessionTable(Parent(table).link)
+    facts = remote.get("192.0.2.7", "40000", since=remote.now() - 5)
+    assert facts is not None and replace(facts, recorded=0.0) == FACTS
+    assert remote.get("192.0.2.7", "40001") is None  # another session: none
+
+
+def test_a_record_older_than_the_workers_session_is_not_its_own(table: SessionTable) -> None:
+    """``since`` is the worker's monotonic clock, compared with the parent's record time."""
+    remote = RemoteSessionTable(Parent(table).link)
+    assert remote.get("192.0.2.7", "40000", since=remote.now()) is None
+
+
+@pytest.mark.parametrize(
+    "parent",
+    ["silent", "gone", "garbage", "wrong-shape"],
+)
+def test_a_failed_lookup_reads_as_no_record_and_is_logged_once(
+    parent: str, table: SessionTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    if parent == "gone":
+        link = Parent(table, answer=False).link
+        link.sock.shutdown(socket.SHUT_RDWR)
+    else:
+        reply = {"garbage": b"\xff{", "wrong-shape": b'{"fingerprint": 1}'}.get(parent, b"")
+        link = Parent(table, answer=parent != "silent", reply=reply).link
+    remote = RemoteSessionTable(link, timeout=0.05)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "mtls_milter.policy_service"):
+        assert remote.get("192.0.2.7", "40000") is None
+        assert remote.get("192.0.2.7", "40000") is None
+    assert time.monotonic() - started < 1.0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "reading it as no record" in lines[0], lines
+
+
+def test_a_late_reply_is_not_taken_for_the_next_requests(table: SessionTable) -> None:
+    parent = Parent(table, answer=False)
+    remote = RemoteSessionTable(parent.link, timeout=0.05)
+    assert remote.get("192.0.2.7", "40000") is None  # timed out; its answer comes late:
+    parent.sock.send(ID.pack(1) + json.dumps(asdict(FACTS)).encode())
+    parent.answer = True
+    assert remote.get("192.0.2.7", "40001") is None  # the late answer was skipped
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_request_gets_a_reply_that_decodes(request: bytes) -> None:
+    table = SessionTable()
+    table.record("192.0.2.7", "40000", FACTS)
+    facts = decode_facts(answer_lookup(table, request))  # never raises
+    assert facts is None or replace(facts, recorded=0.0) == FACTS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_reply_decodes_to_facts_or_a_value_error(reply: bytes) -> None:
+    try:
+        facts = decode_facts(reply)
+    except (ValueError, TypeError):
+        return
+    assert facts is None or isinstance(facts, PolicyFacts)
+
+
+# -- the supervisor, in a subprocess ------------------------------------------------------------
+
+SUPERVISOR = textwrap.dedent(
+    """
+    import logging, os, sys, time
+    from mtls_milter.runtime.prefork import Supervisor
+    from mtls_milter.runtime.worker_link import UP
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+    mode = sys.argv[1]
+
+    def worker(slot, link):
+        if mode == "crash":
+            return 3
+        link.tell(UP)
+        time.sleep(3600)
+        return 0
+
+    ready = lambda pids: print("READY", *pids, flush=True)
+    sys.exit(Supervisor(2, worker, answer=lambda r: r, reload=lambda t: "ok", on_ready=ready,
+                        stop_grace=2).run())
+    """
+)
+
+
+@pytest.fixture
+def supervisor(request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, request.param],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.mark.parametrize("supervisor", ["crash"], indirect=True)
+def test_a_worker_crashing_at_start_is_restarted_with_growing_delays(
+    supervisor: subprocess.Popen[str],
+) -> None:
+    time.sleep(2.2)  # 0.5 + 1.0 s of delays: each slot restarted twice, not hundreds of times
+    supervisor.send_signal(signal.SIGTERM)
+    out, _ = supervisor.communicate(timeout=10)
+    assert supervisor.returncode == 0, out
+    exits = [line for line in out.splitlines() if "exited with status 3" in line]
+    assert 4 <= len(exits) <= 6, out
+    assert sum("restarting it in 0.5 s" in line for line in exits) == 2, out
+    assert sum("restarting it in 1 s" in line for line in exits) == 2, out
+    assert "READY" not in out
+
+
+@pytest.mark.parametrize("supervisor", ["serve"], indirect=True)
+def test_the_supervisor_restarts_a_killed_worker_and_stops_all_on_sigterm(
+    supervisor: subprocess.Popen[str],
+) -> None:
+    assert supervisor.stdout is not None
+    ready = supervisor.stdout.readline().split()
+    assert ready[0] == "READY" and len(ready) == 3, ready
+    victim = int(ready[1])
+    os.kill(victim, signal.SIGKILL)
+    line = supervisor.stdout.readline()
+    assert f"(pid {victim}) killed by signal SIGKILL" in line and "restarting it in" in line
+    time.sleep(1.0)
+    supervisor.send_signal(signal.SIGTERM)
+    out, _ = supervisor.communicate(timeout=10)
+    assert supervisor.returncode == 0, out
+    assert "stopping on SIGTERM: 2 workers" in out
+    assert out.count("killed by signal SIGTERM") == 2, out  # these workers take SIGTERM's default
+
+
+# -- the pymilter transport -------------------------------------------------------------------
+
+
+def test_serve_refuses_workers_on_the_pymilter_transport(tmp_path: Path) -> None:
+    config = tmp_path / "mtls-milter.toml"
+    config.write_text(
+        '[milter]\nsocket = "inet:8898@127.0.0.1"\ntransport = "pymilter"\nworkers = 2\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mtls_milter", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert 'cannot start: [milter] workers = 2 needs transport = "asyncio"' in done.stderr
+    assert "libmilter" in done.stderr
