@@ -9,11 +9,26 @@ import struct
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.dnsserver import TestDnsServer
+from support.milter_client import (
+    P_NR_BODY,
+    P_NR_CONN,
+    P_NR_DATA,
+    P_NR_EOH,
+    P_NR_HDR,
+    P_NR_HELO,
+    P_NR_MAIL,
+    P_NR_RCPT,
+    Address,
+    EomResult,
+    MilterClient,
+)
 from support.pki import TestPki
 
 from mtls_milter.config import config_from_mapping
@@ -21,10 +36,10 @@ from mtls_milter.core.certs import fingerprint_sha256
 from mtls_milter.engine import Engine
 from mtls_milter.inbound import session as session_module
 from mtls_milter.inbound.asyncio_driver import MilterServer
-from mtls_milter.inbound.asyncio_handler import OPTIONS, handler_factory
+from mtls_milter.inbound.asyncio_handler import OPTIONS, handler_factory, options_for
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.session import EngineHolder, MilterSession
-from mtls_milter.inbound.wire import ProtocolFlag
+from mtls_milter.inbound.wire import NO_REPLY_FLAGS, ProtocolFlag
 from mtls_milter.net.starttls import StartTlsResult
 
 AUTHSERV_ID = "mx.receiver.test"
@@ -233,3 +248,108 @@ def test_slow_chain_fetch_does_not_delay_another_client(
     alone, beside, slow_elapsed = asyncio.run(main())
     assert slow_elapsed >= 1.9  # it really waited for its chain fetch
     assert beside - alone < 0.05, (alone, beside)
+
+
+# ---------------------------------------------------------------------------------------------
+# "No reply" steps on a unix socket
+
+
+NO_REPLY_STEPS = (
+    P_NR_CONN | P_NR_HELO | P_NR_MAIL | P_NR_RCPT | P_NR_DATA | P_NR_HDR | P_NR_EOH | P_NR_BODY
+)
+
+
+def _engine_on(spec: str, zone: TestDnsServer, pki: TestPki, **policy: Any) -> Engine:
+    raw: dict[str, dict[str, Any]] = {
+        "milter": {"authserv_id": AUTHSERV_ID, "socket": spec},
+        "dns": {"nameservers": [zone.nameserver], "timeout": 1.0, "budget": 2.0},
+        "tls": {"trust": [str(pki.root_path)]},
+        "policy": policy,
+    }
+    return Engine.from_config(config_from_mapping(raw))
+
+
+def _one_message(address: Address) -> tuple[int, EomResult]:
+    """A Sendmail-like message with a verified certificate; (negotiated flags, EOM result)."""
+    with MilterClient.connect(address) as client:
+        protocol = client.optneg().protocol
+        client.connect_info("out.sender.test", "93.184.216.34", 41000)
+        client.macro(b"H", {"j": AUTHSERV_ID, **SENDMAIL_OK})
+        client.helo("out.sender.test")
+        client.macro(b"M", {"i": "Q1"})
+        client.mail("<a@sender.test>")
+        client.data()
+        client.header("Subject", "hello")
+        client.eoh()
+        result = client.eom()
+        client.quit()
+        return protocol, result
+
+
+def _serving(spec: str, eng: Engine, pools: Any) -> tuple[MilterServer, str]:
+    holder = EngineHolder(eng)
+    factory = handler_factory(lambda: MilterSession(holder, pools[0]), pools[1])
+    server = MilterServer(spec, factory, lambda: options_for(holder.engine.config))
+    return server, spec[5:]
+
+
+def _run_client(server: MilterServer, unix_path: str | None) -> tuple[int, EomResult]:
+    """One message against ``server`` (at ``unix_path``, else its TCP port)."""
+
+    async def main() -> tuple[int, EomResult]:
+        await server.start()
+        try:
+            address: Address = unix_path or ("127.0.0.1", server.port)
+            return await asyncio.to_thread(_one_message, address)
+        finally:
+            await server.aclose()
+
+    return asyncio.run(main())
+
+
+def test_unix_socket_asks_for_no_reply_and_answers_only_the_end_of_message(
+    tmp_path: Path, zone: TestDnsServer, pki: TestPki, pools: Any
+) -> None:
+    """Every step before end of message goes unanswered: the first packet after the option
+    negotiation is end of message's header insertion, then accept (a stray CONTINUE for an
+    earlier step would be read here as the final reply)."""
+    spec = f"unix:{tmp_path / 'nr.sock'}"
+    server, address = _serving(spec, _engine_on(spec, zone, pki), pools)
+    protocol, result = _run_client(server, address)
+    assert protocol & NO_REPLY_STEPS == NO_REPLY_STEPS
+    assert result.final.command == b"a"
+    [field_value] = result.header_values("Authentication-Results")
+    assert "mtls=pass" in field_value
+
+
+def test_inet_socket_asks_for_no_no_reply_step(
+    zone: TestDnsServer, pki: TestPki, pools: Any
+) -> None:
+    """Over TCP every step is answered (the MTA's next small write would otherwise wait under
+    Nagle for our delayed ACK)."""
+    eng = _engine_on("inet:10025@127.0.0.1", zone, pki)
+    server, _ = _serving("inet:0@127.0.0.1", eng, pools)
+    protocol, result = _run_client(server, None)
+    assert protocol & NO_REPLY_FLAGS == 0
+    assert result.final.command == b"a"
+    assert "mtls=pass" in result.header_values("Authentication-Results")[0]
+
+
+def test_internal_network_skipped_at_connect_is_accepted_at_the_end_without_a_field(
+    tmp_path: Path, zone: TestDnsServer, pki: TestPki, pools: Any
+) -> None:
+    """With no reply at connect the MTA keeps talking: the skip decided there is the end of
+    message's answer (accept, nothing added)."""
+    spec = f"unix:{tmp_path / 'nr.sock'}"
+    eng = _engine_on(spec, zone, pki)
+    eng = Engine.from_config(
+        replace(
+            eng.config,
+            policy=replace(eng.config.policy, internal_networks=(ip_network("93.184.216.0/24"),)),
+        )
+    )
+    server, address = _serving(spec, eng, pools)
+    protocol, result = _run_client(server, address)
+    assert protocol & P_NR_CONN
+    assert result.final.command == b"a"
+    assert result.actions == []

@@ -1022,6 +1022,42 @@ def test_tempfail_stands_when_logging_fails(
     assert errors == ["logging the verdict failed; the decision stands"]
 
 
+def test_verdict_line_names_hosts_fingerprint_source_and_timings(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    conv = make.started(helo_macros=POSTFIX_TRUSTED)
+    assert conv.message("<alice@sender.test>", {}) == ACCEPT
+    line = _one_verdict(caplog)
+    assert (line["result"], line["hosts"], line["hosts_count"]) == ("pass", ["out.sender.test"], 1)
+    assert line["fingerprint_source"] == "none"  # Postfix's macros carry no fingerprint
+    assert line["ttl"] is None or isinstance(line["ttl"], int)
+    timings = line["timings_ms"]
+    assert set(timings) == {"dns", "chain", "total"}
+    assert 0 <= timings["dns"] <= timings["total"] and timings["chain"] == 0
+
+
+def test_verdict_line_fingerprint_from_a_macro(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    macros = {**SENDMAIL_OK, "{cert_fp}": "AB:" * 31 + "AB"}
+    conv = make.started(helo_macros=macros)
+    conv.message("<alice@sender.test>", {})
+    assert _one_verdict(caplog)["fingerprint_source"] == "macro"
+
+
+def test_verdict_line_lists_every_host_compared_with(
+    make: Factory, caplog: pytest.LogCaptureFixture, zone: TestDnsServer
+) -> None:
+    for n in range(10):  # the most a Client MX may have
+        zone.add("many.test", 265, f"10 h{n:02d}.many.test.")
+    conv = make.started(helo_macros=POSTFIX_TRUSTED)
+    conv.message("<alice@many.test>", {})
+    line = _one_verdict(caplog)
+    assert line["result"] == "fail"
+    assert line["hosts"] == [f"h{n:02d}.many.test" for n in range(10)]
+    assert line["hosts_count"] == 10
+
+
 class RecordingObserver:
     def __init__(self, fail: bool = False) -> None:
         self.seen: list[tuple[Any, ...]] = []

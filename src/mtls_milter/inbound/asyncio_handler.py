@@ -6,6 +6,8 @@ the loop; end of message may wait for the Client MX lookup and a chain fetch, so
 (:meth:`~.session.MilterSession.eom_may_block`) it runs in a worker thread of its own pool
 (``loop.run_in_executor``) and the loop keeps serving the other connections; with the answer at
 hand (a warm DNS cache, no chain to fetch) it runs on the loop, which costs less than the hop.
+Everything the loop can answer at once goes through ``on_event_now``, called by the stream in
+its read callback (no task per event).
 The options ask the MTA for what the decisions need: header actions, the macro
 lists per stage, and the DATA and end-of-headers steps (docs/design.md "Milter transports");
 RCPT and unknown commands are not sent at all, the body only for DKIM verified here
@@ -24,6 +26,7 @@ from mtls_milter.config import Config
 from mtls_milter.core.quote import quote
 
 from . import events as ev
+from .asyncio_stream import LATER, Later
 from .degraded import note_mta_actions
 from .events import Macros
 from .negotiation import MilterOptions
@@ -45,26 +48,41 @@ from .wire import ActionFlag, ProtocolFlag, Stage, text
 log = logging.getLogger("mtls_milter")
 
 # Steps the decisions do not use are not sent; DATA and end of headers are kept (see the
-# pymilter adapter's data() and eoh() for what goes wrong without them). Header fields are
-# answered although they need no answer: with "no reply" for them, Sendmail over inet: stalls
-# ~40 ms more per message (its next small write waits under Nagle for our delayed ACK).
+# pymilter adapter's data() and eoh() for what goes wrong without them).
 PROTOCOL = ProtocolFlag.NORCPT | ProtocolFlag.NOBODY | ProtocolFlag.NOUNKNOWN
+# On a unix socket the steps before end of message are not answered at all ("no reply"): the
+# MTA writes the next command at once and the conversation costs two round trips instead of
+# ten. Only the answer at end of message changes anything (see MilterSession: what connect and
+# MAIL FROM decide is answered there). Over TCP they are not asked for: the MTA's next small
+# write would wait under Nagle for our delayed ACK (~40 ms per message, docs/performance.md).
+NO_REPLY = (
+    ProtocolFlag.NR_CONN
+    | ProtocolFlag.NR_HELO
+    | ProtocolFlag.NR_MAIL
+    | ProtocolFlag.NR_RCPT
+    | ProtocolFlag.NR_DATA
+    | ProtocolFlag.NR_HDR
+    | ProtocolFlag.NR_EOH
+    | ProtocolFlag.NR_BODY
+    | ProtocolFlag.NR_UNKN
+)
 OPTIONS = MilterOptions(
     actions=int(ActionFlag.ADDHDRS | ActionFlag.CHGHDRS),
     protocol=int(PROTOCOL),
     macros={Stage.HELO: HELO_MACROS, Stage.ENVFROM: ENVFROM_MACROS, Stage.EOM: EOM_MACROS},
 )
+_UNIX_OPTIONS = replace(OPTIONS, protocol=int(PROTOCOL | NO_REPLY))
 
 
 def options_for(config: Config) -> MilterOptions:
-    """The options for a new MTA connection: with DMARC on, the quarantine action too, and the
-    body when DKIM is verified here (docs/dmarc.md)."""
+    """The options for a new MTA connection: "no reply" steps on a unix socket; with DMARC on,
+    the quarantine action too, and the body when DKIM is verified here (docs/dmarc.md)."""
+    unix = config.milter.socket.startswith(("unix:", "local:"))
+    base = _UNIX_OPTIONS if unix else OPTIONS
     if not config.dmarc.enabled:
-        return OPTIONS
-    protocol = PROTOCOL & ~ProtocolFlag.NOBODY if wants_body(config) else PROTOCOL
-    return replace(
-        OPTIONS, actions=OPTIONS.actions | int(ActionFlag.QUARANTINE), protocol=int(protocol)
-    )
+        return base
+    protocol = base.protocol & ~ProtocolFlag.NOBODY if wants_body(config) else base.protocol
+    return replace(base, actions=base.actions | int(ActionFlag.QUARANTINE), protocol=int(protocol))
 
 
 _ACTIONS = {"continue": Action.CONTINUE, "accept": Action.ACCEPT}
@@ -79,45 +97,67 @@ class SessionHandler:
         self._actions = ~0  # what the MTA agreed to (Negotiate); modifications beyond are dropped
 
     async def on_event(self, event: ev.Event) -> Reply | None:
-        session = self.session
-        if isinstance(event, ev.Negotiate):
-            self._actions = event.actions
-            note_mta_actions(
-                session,
-                add_headers=bool(event.actions & ActionFlag.ADDHDRS),
-                change_headers=bool(event.actions & ActionFlag.CHGHDRS),
-                symlist=bool(event.actions & ActionFlag.SETSYMLIST),
-            )
-            return None
-        if isinstance(event, ev.Header):
-            return _reply(session.header(text(event.name), text(event.value)))
-        if isinstance(event, ev.Body):
-            return _reply(session.body(event.chunk))
         if isinstance(event, ev.EndOfMessage):
-            if event.chunk:
-                session.body(event.chunk)
+            self._end_chunk(event)
             macros = _values(event.macros, EOM_MACROS)
-            if not session.eom_may_block():  # only computing: a thread hop would cost more
-                return self._agreed(_reply(session.eom(macros)))
             loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(self._eom_executor, session.eom, macros)
+            outcome = await loop.run_in_executor(self._eom_executor, self.session.eom, macros)
             return self._agreed(_reply(outcome))
-        if isinstance(event, ev.MailFrom):
+        answer = self.on_event_now(event)
+        return None if answer is LATER else answer  # type: ignore[return-value]
+
+    def on_event_now(self, event: ev.Event) -> Reply | Later | None:
+        """The answer without awaiting; :data:`LATER` for an end of message that may wait (a
+        thread hop costs more than computing an answer at hand, so only then)."""
+        session = self.session
+        kind = type(event)
+        if kind is ev.Header:
+            assert isinstance(event, ev.Header)
+            return _reply(session.header(text(event.name), text(event.value)))
+        if kind is ev.EndOfMessage:
+            if session.eom_may_block():
+                return LATER
+            assert isinstance(event, ev.EndOfMessage)
+            self._end_chunk(event)
+            return self._agreed(_reply(session.eom(_values(event.macros, EOM_MACROS))))
+        if kind is ev.MailFrom:
+            assert isinstance(event, ev.MailFrom)
             macros = _values(event.macros, ENVFROM_MACROS)
             return _reply(session.mail(text(event.address), macros))
-        if isinstance(event, ev.Data):
+        if kind is ev.Body:
+            assert isinstance(event, ev.Body)
+            return _reply(session.body(event.chunk))
+        if kind is ev.Data:
             return _reply(session.data())
-        if isinstance(event, ev.Helo):
+        if kind is ev.Helo:
+            assert isinstance(event, ev.Helo)
             return _reply(session.helo(text(event.name), _values(event.macros, HELO_MACROS)))
-        if isinstance(event, ev.Connect):
+        if kind is ev.Connect:
+            assert isinstance(event, ev.Connect)
             internet = event.family in ("4", "6")
             address = text(event.address) if internet else ""
             return _reply(session.connect(address, str(event.port) if internet else ""))
-        if isinstance(event, ev.Abort):
+        if kind is ev.Negotiate:
+            assert isinstance(event, ev.Negotiate)
+            self._negotiated(event)
+        elif kind is ev.Abort:
             session.abort()
-        elif isinstance(event, ev.ConnectionClosed | ev.QuitNewConnection):
+        elif kind is ev.ConnectionClosed or kind is ev.QuitNewConnection:
             session.close()
         return None
+
+    def _end_chunk(self, event: ev.EndOfMessage) -> None:
+        if event.chunk:
+            self.session.body(event.chunk)
+
+    def _negotiated(self, event: ev.Negotiate) -> None:
+        self._actions = event.actions
+        note_mta_actions(
+            self.session,
+            add_headers=bool(event.actions & ActionFlag.ADDHDRS),
+            change_headers=bool(event.actions & ActionFlag.CHGHDRS),
+            symlist=bool(event.actions & ActionFlag.SETSYMLIST),
+        )
 
     def _agreed(self, reply: Reply) -> Reply:
         """``reply`` without the modifications the MTA did not agree to (a quarantine without

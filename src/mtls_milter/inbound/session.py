@@ -19,7 +19,6 @@ a worker thread.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import threading
@@ -36,7 +35,6 @@ from mtls_milter.core.evidence import session_from_macros
 from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
 from mtls_milter.core.lookups import HostLookup
 from mtls_milter.core.names import SenderKind, parse_mail_from
-from mtls_milter.core.quote import clip
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.guard import guarded
@@ -56,6 +54,7 @@ from mtls_milter.inbound.session_evidence import (
     tls_session,
     verdict_for,
 )
+from mtls_milter.inbound.verdict_log import JsonText, MessageClock, log_fields
 
 log = logging.getLogger("mtls_milter")
 
@@ -125,6 +124,9 @@ class _Connection:
     connected: float = 0.0
     helo: str = ""
     helo_macros: dict[str, str | None] = field(default_factory=dict)
+    # Why the whole connection is skipped (an internal network), once connect decided so: with
+    # "no reply" at connect the MTA keeps talking, and every MAIL FROM is then skipped too.
+    skip: str = ""
 
 
 class MilterSession:
@@ -146,6 +148,7 @@ class MilterSession:
         self._fetcher = fetcher  # chain evidence; None: off
         self._conn = _Connection()
         self._tx: Transaction | None = None
+        self._clock = MessageClock()
         # False when the MTA withholds adding or changing header fields (negotiation): then the
         # results are logged only.
         self.header_actions = True
@@ -167,6 +170,7 @@ class MilterSession:
         networks = self._holder.engine.config.policy.internal_networks
         if networks and in_networks(self._conn.client_addr, networks):
             log.info("skip client=%s reason=internal network", self._conn.client_addr)
+            self._conn.skip = "internal network"
             return ACCEPT
         return CONTINUE
 
@@ -180,6 +184,8 @@ class MilterSession:
     def mail(self, sender: str, macros: MacroValues) -> Outcome:
         """MAIL FROM: a new transaction; the Client MX lookup starts here."""
         self._tx = None
+        if self._conn.skip:  # end of message without a transaction: accept, no header
+            return ACCEPT
         engine = self._holder.engine
         merged = dict(self._conn.helo_macros)
         merged.update({k: v for k, v in macros.items() if v is not None})
@@ -197,8 +203,10 @@ class MilterSession:
             tx.skip_reason = "SMTP AUTH session"
             log.info("skip client=%s reason=SMTP AUTH session", conn.client_addr)
             return ACCEPT
+        self._clock = MessageClock()
         tx.prefetch = self._start_prefetch(engine, tx)
         start_chain_fetch(tx, self._sessions, self._fetcher, wait_for_dns=False)  # Sendmail
+        self._note_chain(tx)
         return CONTINUE
 
     @guarded(CONTINUE)
@@ -207,6 +215,7 @@ class MilterSession:
         if self._tx is not None and not self._tx.skip_reason:
             self._tx.session = tls_session(self._tx, self._sessions)  # every RCPT is done
             start_chain_fetch(self._tx, self._sessions, self._fetcher, wait_for_dns=False)
+            self._note_chain(self._tx)
         return CONTINUE
 
     @guarded(CONTINUE)
@@ -237,6 +246,7 @@ class MilterSession:
         started = time.monotonic()
         tx.macros.update({k: v for k, v in macros.items() if v})
         verdict = verdict_for(tx, self._sessions, self._fetcher)
+        self._note_chain(tx, started)
         mtls_action = action_for(verdict, tx.engine.config.policy)
         dry_run = tx.engine.config.policy.dry_run
         dmarc = None
@@ -248,8 +258,8 @@ class MilterSession:
         if not dry_run and self.header_actions:
             outcome = replace(outcome, headers=_guarded_headers(tx, verdict, dmarc))
         action = combined_action(mtls_action, dmarc) if not dry_run else mtls_action
-        side_effect("logging the verdict", self._log, tx, verdict, action, dry_run, dmarc)
         finished = time.monotonic()
+        side_effect("logging the verdict", self._log, tx, verdict, action, dry_run, dmarc, finished)
         side_effect(
             "reporting the verdict",
             self._observer.verdict,
@@ -303,29 +313,32 @@ class MilterSession:
             done.set_result(cached)
             return done
         budget = engine.config.dns.budget
-        return self._executor.submit(engine.resolver.client_mx, tx.domain, budget)
+        future = self._executor.submit(engine.resolver.client_mx, tx.domain, budget)
+        future.add_done_callback(self._clock.dns_finished)
+        return future
+
+    def _note_chain(self, tx: Transaction, started: float = 0.0) -> None:
+        """Start the chain fetch's clock once it is seen started (``started``: at the end of
+        message, where it may have started and finished inside the evaluation)."""
+        clock = self._clock
+        if tx.chain_fetch is not None and not clock.chain_started:
+            clock.chain_started = started or time.monotonic()
+            tx.chain_fetch.add_done_callback(clock.chain_finished)
 
     def _log(
-        self, tx: Transaction, verdict: Verdict, action: str, dry_run: bool, dmarc: Dmarc
+        self,
+        tx: Transaction,
+        verdict: Verdict,
+        action: str,
+        dry_run: bool,
+        dmarc: Dmarc,
+        decided: float,
     ) -> None:
-        record: dict[str, object] = {
-            "queue_id": clip(tx.macros.get("i") or ""),
-            "client": tx.client_addr,
-            "helo": tx.helo[:255],
-            "domain": verdict.domain,
-            "result": verdict.result.value,
-            "reason": verdict.reason,
-            "evidence": verdict.evidence.value,
-            "names": list(verdict.names),
-            "matched": verdict.matched,
-            "chain": tx.chain_detail,
-            "action": action,
-            "dry_run": dry_run,
-            "elapsed_ms": round((time.monotonic() - tx.started) * 1000, 2),
-        }
+        fields = log_fields(tx, verdict, action, dry_run, self._clock, decided)
         if dmarc is not None:
-            record["dmarc"] = log_object(dmarc)
-        log.info("verdict %s", json.dumps(record, separators=(",", ":")))
+            fields["dmarc"] = log_object(dmarc)
+        # One JSON text in the text format; the fields themselves in --log-format json.
+        log.info("verdict %s", JsonText(fields), extra={"fields": fields, "event": "verdict"})
 
 
 def _action_outcome(mtls_action: str, verdict: Verdict, dmarc: DmarcOutcome | None) -> Outcome:

@@ -1,8 +1,8 @@
 """Command-line options several subcommands share, declared once.
 
 Each subcommand's module registers its own parser (the CLI only collects them), so the shared
-pieces live here, below every surface: the daemons' ``--config``/``--log-level`` pair, and the
-``--dns``/``--trust`` options of the offline commands (check, probe).
+pieces live here, below every surface: the daemons' ``--config``, ``--log-level`` and
+``--log-format``, and the ``--dns``/``--trust`` options of the offline commands (check, probe).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from mtls_milter.runtime.logsetup import add_log_level_option
+from mtls_milter.runtime import logsetup
+from mtls_milter.runtime.logsetup import add_log_format_option, add_log_level_option
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -27,10 +28,27 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_daemon_options(parser: argparse.ArgumentParser, handler: Handler) -> None:
-    """What every foreground service takes: ``--config``, ``--log-level``; then its handler."""
+    """What every foreground service takes: ``--config``, ``--log-level``, ``--log-format``;
+    then its handler."""
     add_config_option(parser)
     add_log_level_option(parser)
-    parser.set_defaults(handler=handler)
+    add_log_format_option(parser)
+    parser.set_defaults(handler=_with_log_format(handler))
+
+
+def _with_log_format(handler: Handler) -> Handler:
+    """``handler`` with the command's ``--log-format`` in force while it runs (its
+    ``configure_logging`` call reads it)."""
+
+    def run(args: argparse.Namespace) -> int:
+        logsetup.command_log_format = getattr(args, "log_format", "text")
+        try:
+            return handler(args)
+        finally:
+            logsetup.command_log_format = "text"
+
+    run.__doc__ = handler.__doc__
+    return run
 
 
 def add_dns_option(parser: argparse.ArgumentParser) -> None:
