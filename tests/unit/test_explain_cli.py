@@ -443,3 +443,44 @@ def test_without_log_the_journal_then_the_mail_logs_are_searched(
     status, _, err = explain(capsys, sender_dns, "GONE1")
     assert status == 2
     assert "no log to search" in err
+
+
+FULL_FIELDS: dict[str, Any] = {  # inbound/verdict_log.py writes these besides the basic ones
+    "hosts": ["out.sender.test"],
+    "hosts_count": 1,
+    "ttl": 600,
+    "fingerprint_source": "policy_service",
+    "timings_ms": {"dns": 1.2, "chain": 0.0, "total": 3.4},
+}
+
+
+def test_a_line_with_hosts_ttl_fingerprint_source_and_timings(
+    capsys: pytest.CaptureFixture[str], sender_dns: TestDnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = verdict_line(**FULL_FIELDS)
+    status, out, _ = explain(capsys, sender_dns, "-", stdin=line, monkeypatch=monkeypatch)
+    assert status == 0, out
+    assert "   timings: dns 1.2 ms, chain 0 ms, total 3.4 ms\n" in out
+    assert "   hosts then:   out.sender.test, TTL 600 s (same)\n" in out
+    assert (
+        "4. Certificate and chain, as logged: evidence chain; certificate fingerprint: from the "
+        "Postfix policy service\n"
+    ) in out
+
+
+def test_a_line_that_lists_only_the_first_hosts(
+    capsys: pytest.CaptureFixture[str], dns_server: TestDnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The milter logs ten hosts at most: the ones it left out are not "added" since."""
+    dns_server.add("sender.test", 265, "10 out.sender.test.", "20 a.sender.test.")
+    line = verdict_line(**{**FULL_FIELDS, "hosts_count": 2})
+    status, out, _ = explain(capsys, dns_server, "-", stdin=line, monkeypatch=monkeypatch)
+    assert status == 0, out
+    assert (
+        "hosts then:   out.sender.test (the first 1 of 2), TTL 600 s (the listed ones remain)"
+        in out
+    )
+    line = verdict_line(**{**FULL_FIELDS, "hosts": ["gone.sender.test"], "hosts_count": 2})
+    status, out, _ = explain(capsys, dns_server, "-", stdin=line, monkeypatch=monkeypatch)
+    assert status == 1, out
+    assert "CHANGED: published hosts changed: added (none); removed gone.sender.test" in out

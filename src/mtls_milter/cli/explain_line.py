@@ -52,6 +52,7 @@ class LoggedVerdict:
     action: str = ""
     dry_run: bool = False
     hosts: tuple[str, ...] | None = None  # None: the line does not record the published hosts
+    hosts_count: int | None = None  # how many there were (the line lists the first ten)
     ttl: int | None = None
     fingerprint_source: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -74,6 +75,7 @@ class LoggedVerdict:
             "action": clip(self.action) or None,
             "dry_run": self.dry_run,
             "hosts": None if self.hosts is None else [clip(h) for h in self.hosts],
+            "hosts_count": self.hosts_count,
             "ttl": self.ttl,
             "fingerprint_source": clip(self.fingerprint_source) or None,
             "timings_ms": dict(self.timings_ms),
@@ -147,7 +149,8 @@ def _from_record(record: dict[str, Any], time: str) -> LoggedVerdict:
         action=_text(record, "action"),
         dry_run=_flag(record, "dry_run"),
         hosts=hosts,
-        ttl=_ttl(record),
+        hosts_count=_count(record, "hosts_count"),
+        ttl=_count(record, "ttl"),
         fingerprint_source=_text(record, "fingerprint_source"),
         timings_ms=_timings(record),
         dmarc=_object(record, "dmarc"),
@@ -185,12 +188,12 @@ def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _ttl(record: dict[str, Any]) -> int | None:
-    value = record.get("ttl")
+def _count(record: dict[str, Any], key: str) -> int | None:
+    value = record.get(key)
     if value is None:
         return None
     if not _number(value) or value < 0:
-        raise InputError("the verdict's 'ttl' is not a number of seconds")
+        raise InputError(f"the verdict's '{key}' is not a number")
     return int(value)
 
 

@@ -61,6 +61,8 @@ def _changes(ex: Explanation) -> tuple[str, ...]:
     if logged.hosts is not None and ex.now.lookup is not None:
         added = sorted(set(ex.now_hosts) - set(logged.hosts))
         removed = sorted(set(logged.hosts) - set(ex.now_hosts))
+        if _hosts_cut(logged):
+            added = []  # the hosts the line left out may be these
         if added or removed:
             changes.append(
                 f"published hosts changed: added {_list(added)}; removed {_list(removed)}"
@@ -76,6 +78,12 @@ def _changes(ex: Explanation) -> tuple[str, ...]:
             f"{verdict.result.value} ({ex.now_class}) now: {clip(verdict.reason)}"
         )
     return tuple(changes)
+
+
+def _hosts_cut(logged: LoggedVerdict) -> bool:
+    """Whether the line lists only some of the hosts (the milter logs ten at most)."""
+    count = logged.hosts_count
+    return logged.hosts is not None and count is not None and count > len(logged.hosts)
 
 
 def _list(items: list[str] | tuple[str, ...]) -> str:
@@ -187,6 +195,9 @@ def _dns_lines(ex: Explanation) -> list[str]:
     else:
         ttl_then = f", TTL {log.ttl} s" if log.ttl is not None else ""
         same = "same" if set(log.hosts) == set(ex.now_hosts) else "DIFFERENT"
+        if _hosts_cut(log):
+            ttl_then = f" (the first {len(log.hosts)} of {log.hosts_count}){ttl_then}"
+            same = "DIFFERENT" if set(log.hosts) - set(ex.now_hosts) else "the listed ones remain"
         lines.append(f"   hosts then:   {_list(log.hosts)}{ttl_then} ({same})")
     return lines
 
@@ -207,9 +218,19 @@ def _name_lines(ex: Explanation) -> list[str]:
     return lines
 
 
+_FINGERPRINT_SOURCES = {
+    "none": "none known (no chain could be fetched)",
+    "macro": "from the MTA's macros (Sendmail)",
+    "policy_service": "from the Postfix policy service",
+}
+
+
 def _chain_lines(ex: Explanation) -> list[str]:
     log = ex.logged
-    source = f", fingerprint from {clip(log.fingerprint_source)}" if log.fingerprint_source else ""
+    source = ""
+    if log.fingerprint_source:
+        shown = _FINGERPRINT_SOURCES.get(log.fingerprint_source, clip(log.fingerprint_source))
+        source = f"; certificate fingerprint: {shown}"
     lines = [f"4. Certificate and chain, as logged: evidence {log.evidence.value}{source}"]
     if log.chain:
         lines.append(f"   chain fetch: {clip(log.chain)}")
