@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,16 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from support.dnsserver import TestDnsServer
+from support.pki import TestPki
 
 from mtls_milter.cli.explain import search
 from mtls_milter.cli.explain_line import LoggedVerdict, parse_verdict_line
 from mtls_milter.cli.main import main
+from mtls_milter.config import ChainFetchConfig, Config, DnsConfig, TlsConfig
+from mtls_milter.engine import Engine
 from mtls_milter.errors import InputError
+from mtls_milter.inbound.session import EngineHolder, MilterSession
+from mtls_milter.runtime.logsetup import LOG_FORMAT, JsonFormatter
 
 SYSLOG_PREFIX = "Nov 29 23:00:01 mx mtls-milter[4242]: INFO mtls_milter: "
 
@@ -484,3 +491,41 @@ def test_a_line_that_lists_only_the_first_hosts(
     status, out, _ = explain(capsys, dns_server, "-", stdin=line, monkeypatch=monkeypatch)
     assert status == 1, out
     assert "CHANGED: published hosts changed: added (none); removed gone.sender.test" in out
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_line_the_milter_itself_wrote_is_explained(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    sender_dns: TestDnsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    pki: TestPki,
+    log_format: str,
+) -> None:
+    """A real MilterSession's verdict line, in either log format, read back by explain."""
+    config = Config(
+        dns=DnsConfig(nameservers=(sender_dns.nameserver,)),
+        tls=TlsConfig(trust=(str(pki.root_path),)),
+        chain_fetch=ChainFetchConfig(enabled=False),
+    )
+    macros = {
+        "{tls_version}": "TLSv1.3",
+        "{cert_subject}": "bad.sender.test",
+        "{cert_issuer}": "CA",
+    }
+    with ThreadPoolExecutor(2) as executor, caplog.at_level(logging.INFO, logger="mtls_milter"):
+        session = MilterSession(EngineHolder(Engine.from_config(config)), executor)
+        session.connect("192.0.2.7", "41000")
+        session.helo("out.sender.test", macros)
+        session.mail("<a@sender.test>", macros)
+        session.data()
+        session.eom({"i": "4XyZ1"})
+    record = next(r for r in caplog.records if r.getMessage().startswith("verdict "))
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT)
+    line = "Nov 29 23:00:01 mx mtls-milter[4242]: " + formatter.format(record)
+    status, out, _ = explain(capsys, sender_dns, "-", stdin=line, monkeypatch=monkeypatch)
+    assert status == 0, out
+    assert "mtls=fail: no certificate name matches Client MX [name_mismatch]" in out
+    assert "hosts then:   out.sender.test (same)" in out
+    assert "bad.sender.test vs out.sender.test: no, a different name" in out
+    assert "5. Verdict now: mtls=fail: no certificate name matches Client MX" in out
