@@ -36,6 +36,8 @@ from mtls_milter.inbound.daemon_common import (
     drop_privileges,
     start_policy_service,
 )
+from mtls_milter.inbound.metrics_observer import DaemonMetrics, start_for_daemon
+from mtls_milter.inbound.observer import NULL_OBSERVER
 from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.inbound.session import EngineHolder, MilterSession
 from mtls_milter.inbound.shared_sessions import RemoteSessionTable
@@ -79,10 +81,12 @@ class AsyncioDaemon:
         self._eom = ThreadPoolExecutor(EOM_THREADS, thread_name_prefix="eom")
         self._sessions = SessionTable() if worker is None else RemoteSessionTable(worker.link)
         self._fetcher = ChainFetcher()
+        self._metrics: DaemonMetrics | None = None  # [metrics] listen set: the session observer
         self._policy: PolicyServiceThread | None = None
         self._reload_wanted: list[str] = []  # signal names since the last reload started
         self._wakeup = asyncio.Event()
         self._stop_signal = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def main(self) -> int:
         config = self._holder.engine.config
@@ -94,6 +98,7 @@ class AsyncioDaemon:
         except (OSError, ValueError) as exc:
             self._shutdown_pools()
             raise StartupError(f"cannot listen on {config.milter.socket}: {exc}") from None
+        self._metrics = self._start_metrics(config, server)
         if self._worker is None:
             drop_privileges(config, config.milter.socket)
         loop = asyncio.get_running_loop()
@@ -114,7 +119,8 @@ class AsyncioDaemon:
         if self._worker is not None:
             log.info("%sserving, rss=%s", self._who(), mib(rss_bytes()))
             self._worker.link.tell(UP)
-            asyncio.get_running_loop().create_task(self._watch_parent(os.getppid()))
+            watcher = asyncio.get_running_loop().create_task(self._watch_parent(os.getppid()))
+            self._tasks.add(watcher)  # a reference, so the task is not garbage-collected
             return
         notify("READY=1")
         engine = self._holder.engine
@@ -143,7 +149,10 @@ class AsyncioDaemon:
         sessions = self._sessions if config.policy_service.socket else None
 
         def make_session() -> MilterSession:
-            return MilterSession(holder, prefetch, sessions=sessions, fetcher=fetcher)
+            observer = self._metrics or NULL_OBSERVER
+            return MilterSession(
+                holder, prefetch, sessions=sessions, fetcher=fetcher, observer=observer
+            )
 
         factory = handler_factory(make_session, self._eom)
         mode = int(config.milter.socket_mode, 8)
@@ -152,6 +161,20 @@ class AsyncioDaemon:
         return MilterServer(
             config.milter.socket, factory, options, socket_mode=mode, listeners=listeners
         )
+
+    def _start_metrics(self, config: Config, server: MilterServer) -> DaemonMetrics | None:
+        """``[metrics] listen``: served here, or by the supervising parent for a worker."""
+        try:
+            found = start_for_daemon(
+                config, self._holder, serve_http=self._worker is None, workers=config.milter.workers
+            )
+        except OSError as exc:
+            self._shutdown_pools()
+            where = f"[metrics] listen {config.metrics.listen}"
+            raise StartupError(f"cannot listen on {where}: {exc}") from None
+        if found is not None:
+            found.watch_connections(lambda: server.connections)
+        return found
 
     def _on_reload(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -184,3 +207,5 @@ class AsyncioDaemon:
         self._fetcher.shutdown()
         if self._policy is not None:
             self._policy.stop()
+        if self._metrics is not None:
+            self._metrics.stop()

@@ -25,6 +25,7 @@ from mtls_milter.engine import Engine
 from mtls_milter.errors import StartupError
 from mtls_milter.inbound.policy_service import PolicyService, PolicyServiceThread, SessionTable
 from mtls_milter.inbound.session import EngineHolder
+from mtls_milter.runtime import metrics
 from mtls_milter.runtime.sdnotify import notify
 
 log = logging.getLogger("mtls_milter")
@@ -63,6 +64,7 @@ class EngineReloader:
             engine = build_engine(self._config_path)
         except StartupError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            metrics.reload_failed(str(exc))  # /healthz and the reload gauge (docs/observability.md)
             notify("READY=1")
             return False
         old = self._holder.engine

@@ -91,6 +91,16 @@ class DaemonMetrics:
             self._generation += 1
             metrics.config_loaded(self._generation, engine.validator.anchor_count)
 
+    def health_check(self, config: Config) -> Callable[[], tuple[bool, str]]:
+        """/healthz with the gauges (and a reload's success) brought up to date first."""
+        check = milter_health(config)
+
+        def health() -> tuple[bool, str]:
+            self.refresh()
+            return check()
+
+        return health
+
     def run_refresher(self) -> None:
         """Refresh every second in a daemon thread (a worker that serves no HTTP)."""
 
@@ -129,7 +139,7 @@ def start_for_daemon(
     daemon.refresh()
     if serve_http:
         metrics.on_scrape(daemon.refresh)
-        daemon.server = metrics.start_server(config, milter_health(config))
+        daemon.server = metrics.start_server(config, daemon.health_check(config))
     else:
         daemon.run_refresher()
     return daemon
