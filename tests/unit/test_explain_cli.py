@@ -529,3 +529,13 @@ def test_a_line_the_milter_itself_wrote_is_explained(
     assert "hosts then:   out.sender.test (same)" in out
     assert "bad.sender.test vs out.sender.test: no, a different name" in out
     assert "5. Verdict now: mtls=fail: no certificate name matches Client MX" in out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=120) | records.map(lambda r: verdict_line(**r)), max_size=6))
+def test_searching_arbitrary_logs_never_raises(lines: list[str]) -> None:
+    try:
+        found = search(lines, "4XyZ1")
+    except InputError:
+        return
+    assert found is None or found.queue_id == "4XyZ1"
