@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -250,6 +251,11 @@ def test_the_supervisor_restarts_a_killed_worker_and_stops_all_on_sigterm(
     line = supervisor.stdout.readline()
     assert f"(pid {victim}) killed by signal SIGKILL" in line and "restarting it in" in line
     time.sleep(1.0)
+    supervisor.send_signal(signal.SIGUSR2)
+    report = supervisor.stdout.readline()
+    worker = r"\d:pid=\d+:rss=[0-9.]+MiB"
+    assert re.fullmatch(rf"INFO workers: {worker} {worker}\n", report), report
+    assert f"pid={victim}:" not in report
     supervisor.send_signal(signal.SIGTERM)
     out, _ = supervisor.communicate(timeout=10)
     assert supervisor.returncode == 0, out
