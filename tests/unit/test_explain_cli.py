@@ -539,3 +539,26 @@ def test_searching_arbitrary_logs_never_raises(lines: list[str]) -> None:
     except InputError:
         return
     assert found is None or found.queue_id == "4XyZ1"
+
+
+def test_with_the_server_mx_fallback_the_names_meet_the_mx_hosts(
+    capsys: pytest.CaptureFixture[str],
+    dns_server: TestDnsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "mtls-milter.toml"
+    config.write_text("[policy]\nserver_mx_fallback = true\n")
+    dns_server.add("sender.test", "MX", "10 mx.sender.test.")
+    line = verdict_line(
+        reason="certificate name mx.sender.test matches server-mx host mx.sender.test",
+        names=["mx.sender.test"], matched="mx.sender.test", hosts=["mx.sender.test"],
+    )  # fmt: skip
+    status, out, _ = explain(
+        capsys, dns_server, "-", "--config", str(config), stdin=line, monkeypatch=monkeypatch
+    )
+    assert status == 0, out
+    assert "   MX hosts now: mx.sender.test ([policy] server_mx_fallback)\n" in out
+    assert "3. Certificate names from the log vs the MX hosts now" in out
+    assert "mx.sender.test vs mx.sender.test: MATCH, the same name" in out
+    assert "hosts then:   mx.sender.test (same)" in out
