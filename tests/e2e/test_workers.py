@@ -11,9 +11,11 @@ conversation by a worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -252,3 +254,30 @@ def test_sigterm_stops_every_worker_then_the_parent(rig: Rig) -> None:
         assert re.search(rf"worker \d \(pid {pid}\) exited with status 0", log), log
     assert log.rstrip().endswith("INFO mtls_milter: stopped"), log
     assert "Traceback" not in rig.daemon.log_text() and "ERROR" not in log, log
+
+
+def test_systemd_hears_the_parent_only(
+    pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One READY=1 when both workers serve, RELOADING=1/READY=1 around a reload, STOPPING=1 on
+    a stop: all from the parent (the workers' own notifications would double them)."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(path))
+        notify.settimeout(0.2)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        config: dict[str, dict[str, Any]] = {
+            "milter": {"authserv_id": AUTHSERV_ID, "transport": "asyncio", "workers": 2},
+            "tls": {"trust": [str(pki.root_path)]},
+        }
+        daemon = MilterDaemon(tmp_path / "milter", config)
+        daemon.start()
+        try:
+            assert daemon.signal_reload(signum=signal.SIGUSR1), daemon.log_tail()
+        finally:
+            assert daemon.stop() == 0
+        states = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                states.append(notify.recv(100).decode())
+    assert states == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], daemon.log_tail()

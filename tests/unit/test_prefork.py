@@ -23,8 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mtls_milter import __version__
 from mtls_milter.config import Config, ConfigError, config_from_mapping
-from mtls_milter.inbound.daemon_common import config_changes
+from mtls_milter.inbound.daemon_common import config_changes, config_summary
 from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
 from mtls_milter.inbound.shared_sessions import RemoteSessionTable, answer_lookup, decode_facts
 from mtls_milter.runtime.prefork import RestartBackoff, describe_status
@@ -93,6 +94,24 @@ def test_config_changes_name_each_changed_key() -> None:
         source="elsewhere",  # where it came from is not a change of configuration
     )
     assert config_changes(old, new) == "dns.budget,policy.on_fail"
+
+
+def test_the_start_line_summarizes_the_configuration() -> None:
+    config = config_from_mapping(
+        {
+            "milter": {"workers": 3},
+            "dns": {"nameservers": ["192.0.2.53"], "budget": 4},
+            "policy": {"on_fail": "reject"},
+            "dmarc": {"enabled": True},
+            "chain_fetch": {"enabled": False},
+        },
+        source="/etc/mtls-milter/mtls-milter.toml",
+    )
+    assert config_summary(config) == (
+        f"version={__version__} socket=inet:8898@127.0.0.1 transport=asyncio workers=3 "
+        "policy_service=off dns=192.0.2.53 dns_budget=4s on_fail=reject on_temperror=annotate "
+        "dmarc=annotate chain_fetch=off metrics=off config=/etc/mtls-milter/mtls-milter.toml"
+    )
 
 
 # -- the policy lookup channel ------------------------------------------------------------------
