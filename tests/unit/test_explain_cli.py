@@ -567,3 +567,14 @@ def test_with_the_server_mx_fallback_the_names_meet_the_mx_hosts(
     assert "3. Certificate names from the log vs the MX hosts now" in out
     assert "mx.sender.test vs mx.sender.test: MATCH, the same name" in out
     assert "hosts then:   mx.sender.test (same)" in out
+
+
+def test_a_line_with_many_names_compares_the_first_fifty(
+    capsys: pytest.CaptureFixture[str], sender_dns: TestDnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"n{i}.sender.test" for i in range(80)]
+    line = verdict_line(**{**MISMATCH, "names": names})
+    status, out, _ = explain(capsys, sender_dns, "-", stdin=line, monkeypatch=monkeypatch)
+    assert status == 0
+    assert out.count(" vs out.sender.test: no, a different name") == 50
+    assert "   (compared: the first 50 of 80 names and 1 of 1 hosts)\n" in out

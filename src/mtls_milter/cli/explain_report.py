@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtls_milter.cli.explain_line import LoggedVerdict
-from mtls_milter.cli.explain_rerun import HINTS, NameCheck, Rerun, rerun
+from mtls_milter.cli.explain_rerun import (
+    HINTS,
+    MAX_HOSTS_COMPARED,
+    MAX_NAMES_COMPARED,
+    NameCheck,
+    Rerun,
+    rerun,
+)
 from mtls_milter.config import Config
 from mtls_milter.core.evidence import EvidenceKind
 from mtls_milter.core.lookups import LookupStatus, MxResolver
@@ -215,6 +222,12 @@ def _name_lines(ex: Explanation) -> list[str]:
     for check in ex.now.checks:
         verdict = "MATCH" if check.matches else "no"
         lines.append(f"   {clip(check.name)} vs {clip(check.host)}: {verdict}, {clip(check.why)}")
+    names, hosts = len(ex.logged.names), len(ex.now_hosts)
+    if names > MAX_NAMES_COMPARED or hosts > MAX_HOSTS_COMPARED:
+        lines.append(
+            f"   (compared: the first {min(names, MAX_NAMES_COMPARED)} of {names} names and "
+            f"{min(hosts, MAX_HOSTS_COMPARED)} of {hosts} hosts)"
+        )
     return lines
 
 

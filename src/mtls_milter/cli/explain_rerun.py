@@ -37,6 +37,7 @@ from mtls_milter.engine import Engine
 from mtls_milter.errors import InputError
 
 MAX_NAMES_COMPARED = 50  # certificate names from the log (outside data: any number)
+MAX_HOSTS_COMPARED = 20  # published hosts (Client MX has at most 10; MX has no limit)
 CHAIN_INVALID = "chain invalid: "
 DRY_RUN = "accept (dry run; would "
 
@@ -112,7 +113,7 @@ def compare_names(
     return tuple(
         NameCheck(name, host, matches, _why(name, host, matches, allow_wildcards))
         for name in names[:MAX_NAMES_COMPARED]
-        for host in hosts
+        for host in hosts[:MAX_HOSTS_COMPARED]
         for matches in (name_matches(name, host, allow_wildcards=allow_wildcards),)
     )
 
