@@ -86,7 +86,8 @@ def test_dns_lookups_feed_the_histogram_and_the_cache_counters(daemon: DaemonMet
     assert value(after, lookups, outcome="miss") - value(before, lookups, outcome="miss") == 2
     seconds, cmx = "mtls_milter_dns_lookup_seconds_count", "client_mx"
     assert value(after, seconds, rrtype=cmx) - value(before, seconds, rrtype=cmx) == 1
-    assert value(after, "mtls_milter_dns_cache_hit_ratio") == 0.5
+    hits, misses = (value(after, lookups, outcome=o) for o in ("hit", "miss"))
+    assert value(after, "mtls_milter_dns_cache_hit_ratio") == hits / (hits + misses)
 
 
 def test_refresh_hooks_the_resolver_and_follows_a_reload(daemon: DaemonMetrics) -> None:
@@ -152,6 +153,8 @@ MULTIPROCESS = textwrap.dedent(
             m.verdicts.labels("pass", "ok", "chain").inc(n)
             m.open_connections.set(n)
             m.message_seconds.observe(0.01 * n)
+            m.dns_cache_lookups.labels("hit").inc(n)
+            m.dns_cache_lookups.labels("miss").inc(1)
             os._exit(0)
         pids.append(pid)
     for pid in pids:
@@ -184,6 +187,8 @@ def test_workers_counts_add_up_and_a_dead_workers_gauges_vanish(tmp_path: Path) 
     assert value(before, "mtls_milter_message_seconds_count") == 2
     assert value(before, "mtls_milter_open_connections") == 7  # livesum over both workers
     assert value(after, "mtls_milter_open_connections") == 4  # the exited one's is gone
+    assert value(before, "mtls_milter_dns_cache_hit_ratio") == 7 / 9  # from the summed counters
+    assert value(before, "mtls_milter_config_last_reload_ok") == 1  # the parent's 1 too
     assert out["mode"] == 0o700
     assert Path(out["dir"]).parent == tmp_path
     assert not Path(out["dir"]).exists()  # removed when the parent exited

@@ -83,7 +83,6 @@ class DaemonMetrics:
             if resolver.on_lookup is not self.dns:
                 resolver.on_lookup = self.dns
             m.dns_cache_entries.set(resolver.cache_entries())
-        m.dns_cache_hit_ratio.set(self.dns.hit_ratio())
         if self._connections is not None:
             m.open_connections.set(self._connections())
         if engine is not self._engine:  # the first engine, or one a reload swapped in

@@ -25,7 +25,7 @@ import pwd
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mtls_milter import __version__
 from mtls_milter.config import Config
@@ -127,11 +129,6 @@ class Metrics:
         self.dns_cache_entries = make.gauge(
             "dns_cache_entries", "Answers in the DNS cache (summed over workers).", "livesum"
         )
-        self.dns_cache_hit_ratio = make.gauge(
-            "dns_cache_hit_ratio",
-            "DNS cache hits / lookups since the process started (with workers: a pid label each).",
-            "liveall",
-        )
         self.open_connections = make.gauge("open_connections", "Open MTA connections.", "livesum")
         self.config_generation = make.gauge(
             "config_generation", "Configuration loads since start (1: the first).", "livemax"
@@ -142,36 +139,28 @@ class Metrics:
         self.config_last_reload_ok = make.gauge(
             "config_last_reload_ok", "1 if the last (re)load succeeded, else 0.", "livemin"
         )
-        self.trust_anchors = make.gauge("trust_anchors", "Trust anchors loaded.", "livemin")
+        self.trust_anchors = make.gauge("trust_anchors", "Trust anchors loaded.", "livemax")
         self.workers = make.gauge("workers", "Live worker processes.", "livemax")
         self.build_info = make.gauge("build_info", "Always 1; the version.", "livemax", "version")
 
 
 class DnsLookupMetrics:
     """``DnsResolver.on_lookup``: the DNS histogram (answers from the network only; a cache
-    hit costs no time) and the cache hit/miss counters, with this process's hit ratio."""
+    hit costs no time) and the cache hit/miss counters (the hit ratio follows from them)."""
 
     def __init__(self, m: Metrics) -> None:
         self._hit = m.dns_cache_lookups.labels("hit")
         self._miss = m.dns_cache_lookups.labels("miss")
         self._seconds = {rr: m.dns_lookup_seconds.labels(rr) for rr in RRTYPES}
-        self.hits = 0
-        self.misses = 0
 
     def __call__(self, rrtype: str, seconds: float, cached: bool) -> None:
         if cached:
-            self.hits += 1
             self._hit.inc()
             return
-        self.misses += 1
         self._miss.inc()
         histogram = self._seconds.get(rrtype)
         if histogram is not None:
             histogram.observe(seconds)
-
-    def hit_ratio(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
 
 @dataclass
@@ -218,6 +207,12 @@ def enable(workers: int = 1, *, user: str = "", group: str = "") -> Metrics:
     # no *_created series: fewer bytes per scrape, nothing lost
     disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = Metrics(registry)
+    # 1 from the start (nothing has failed). In multiprocess mode every process's value takes
+    # part in the minimum over the live processes, and a forked child starts from an empty
+    # file (0): it says 1 too until one of its own reloads fails.
+    metrics.config_last_reload_ok.set(1)
+    if workers > 1:
+        os.register_at_fork(after_in_child=lambda: metrics.config_last_reload_ok.set(1))
     metrics.build_info.labels(version=__version__).set(1)
     _state.metrics, _state.registry = metrics, registry
     return metrics
@@ -318,14 +313,37 @@ def render() -> tuple[bytes, str]:
     for refresh in list(_state.on_scrape):
         with contextlib.suppress(Exception):  # a failing refresh must not cost the scrape
             refresh()
-    if _state.multiproc_dir:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, _state.multiproc_dir)  # type: ignore[no-untyped-call]
+    source: Collector
+    if _state.multiproc_dir:  # every process's files, added up
+        source = multiprocess.MultiProcessCollector(None, _state.multiproc_dir)  # type: ignore[no-untyped-call]
     elif _state.registry is not None:
-        registry = _state.registry
+        source = _state.registry
     else:
         return b"", CONTENT_TYPE_LATEST
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(_WithHitRatio(source)), CONTENT_TYPE_LATEST
+
+
+class _WithHitRatio(Collector):
+    """The collected metrics plus ``dns_cache_hit_ratio``, computed from the (summed) cache
+    lookup counters at scrape time: one meaning with one process or many, no gauge to keep."""
+
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        hits = lookups = 0.0
+        for family in self._source.collect():
+            if family.name == PREFIX + "dns_cache_lookups":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        lookups += sample.value
+                        hits += sample.value if sample.labels.get("outcome") == "hit" else 0.0
+            yield family
+        yield GaugeMetricFamily(
+            PREFIX + "dns_cache_hit_ratio",
+            "DNS cache hits / DNS lookups since start (all workers).",
+            value=hits / lookups if lookups else 0.0,
+        )
 
 
 def start_server(config: Config, health: Health, *, listen: str = "") -> MetricsServer:
@@ -339,6 +357,6 @@ def metric_names() -> tuple[str, ...]:
     registry = CollectorRegistry()
     Metrics(registry)
     names: list[str] = []
-    for family in registry.collect():
+    for family in _WithHitRatio(registry).collect():
         names.append(family.name + ("_total" if family.type == "counter" else ""))
     return tuple(sorted(names))
