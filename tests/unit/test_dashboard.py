@@ -7,7 +7,7 @@ histogram ``X`` has ``X_bucket``/``X_sum``/``X_count``, a gauge ``X`` is ``X``),
 expression filters or groups on must exist, and a label value matched literally must be one the
 product can write. ``promtool`` (Prometheus 2.42, unpacked by tests/e2e/install_prometheus.sh,
 never installed as a package) checks the rule file, the scrape snippet and the PromQL syntax of
-every dashboard query, and runs unit tests of two alerts. Without promtool those tests skip
+every dashboard query, and unit-tests three alerts. Without promtool those tests skip
 loudly, except under ``CI=true`` where they fail.
 """
 
@@ -25,6 +25,14 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
+
+from mtls_milter.core.evaluate import Result
+from mtls_milter.core.evidence import EvidenceKind
+from mtls_milter.core.reason_class import REASON_CLASSES
+from mtls_milter.inbound.metrics_observer import ACTIONS, DMARC_RESULTS
+from mtls_milter.runtime.metrics import RRTYPES, Metrics, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "examples" / "grafana" / "mtls-milter.json"
@@ -49,46 +57,37 @@ class Family:
         return {name}
 
 
-# The one list of what the product exports (the interface the metrics code implements):
-# family name (as prometheus_client names it: a counter without _total) → type and labels.
-EXPORTED: dict[str, Family] = {
-    "mtls_milter_verdicts": Family("counter", ("result", "reason_class", "evidence")),
-    "mtls_milter_actions": Family("counter", ("action",)),
-    "mtls_milter_dmarc_results": Family("counter", ("result",)),
-    "mtls_milter_chain_fetches": Family("counter", ("outcome",)),
-    "mtls_milter_policy_map_answers": Family("counter", ("kind",)),
-    "mtls_milter_acme_validations": Family("counter", ("result",)),
-    "mtls_milter_dns_cache_lookups": Family("counter", ("outcome",)),
-    "mtls_milter_evaluation_seconds": Family("histogram"),
-    "mtls_milter_dns_lookup_seconds": Family("histogram", ("rrtype",)),
-    "mtls_milter_chain_fetch_seconds": Family("histogram"),
-    "mtls_milter_message_seconds": Family("histogram"),
-    "mtls_milter_dns_cache_entries": Family("gauge"),
-    "mtls_milter_dns_cache_hit_ratio": Family("gauge"),
-    "mtls_milter_open_connections": Family("gauge"),
-    "mtls_milter_config_generation": Family("gauge"),
-    "mtls_milter_config_load_timestamp_seconds": Family("gauge"),
-    "mtls_milter_config_last_reload_ok": Family("gauge"),
-    "mtls_milter_trust_anchors": Family("gauge"),
-    "mtls_milter_workers": Family("gauge"),
-    "mtls_milter_build_info": Family("gauge", ("version",)),
-}
+def exported_families() -> dict[str, Family]:
+    """What the product exports, from its own registry: family name (as prometheus_client
+    names it: a counter without _total) → type and label names. Families computed at scrape
+    time (named by ``metric_names`` but not registered) are unlabelled gauges."""
+    registry = CollectorRegistry()
+    created = Metrics(registry)
+    labels = {
+        wrapper._name: tuple(wrapper._labelnames)  # prometheus_client keeps them nowhere public
+        for wrapper in vars(created).values()
+        if isinstance(wrapper, MetricWrapperBase)
+    }
+    families = {f.name: Family(f.type, labels.get(f.name, ())) for f in registry.collect()}
+    for name in metric_names():
+        if name.removesuffix("_total") not in families:
+            families[name] = Family("gauge")
+    return families
+
+
+EXPORTED = exported_families()
 # Label values the product writes, per label name (a literal matcher must use one of these).
 LABEL_VALUES: dict[str, frozenset[str]] = {
-    "action": frozenset({"accept", "reject", "tempfail", "quarantine"}),
+    "action": ACTIONS,
     "outcome": frozenset({"ok", "failed", "timeout", "refused", "skipped", "hit", "miss"}),
     "kind": frozenset({"OK", "NOTFOUND", "TEMP", "PERM"}),
-    "rrtype": frozenset({"client_mx", "mx", "a", "aaaa", "txt"}),
-    "evidence": frozenset({"chain", "mta", "none"}),
-    "reason_class": frozenset(
-        {"ok", "no_tls", "no_cert", "untrusted", "chain_invalid", "name_mismatch", "null_cmx"}
-        | {"not_opted_in", "no_domain", "dns", "internal", "none_other"}
-    ),
+    "rrtype": RRTYPES,
+    "evidence": frozenset(kind.value for kind in EvidenceKind),
+    "reason_class": REASON_CLASSES,
     # mtls results and DMARC results / ACME validation results share the label name
-    "result": frozenset({"pass", "fail", "none", "temperror", "permerror"})
-    | frozenset({"valid", "invalid", "error"}),
+    "result": frozenset(r.value for r in Result) | DMARC_RESULTS | {"valid", "invalid", "error"},
 }
-# Labels Prometheus adds to every scraped series, and the histogram bucket label.
+# Labels Prometheus adds to every scraped series (histogram buckets add le).
 TARGET_LABELS = frozenset({"job", "instance"})
 
 _METRIC = re.compile(r"\bmtls_milter_[a-z_]+\b")
