@@ -578,3 +578,21 @@ def test_a_line_with_many_names_compares_the_first_fifty(
     assert status == 0
     assert out.count(" vs out.sender.test: no, a different name") == 50
     assert "   (compared: the first 50 of 80 names and 1 of 1 hosts)\n" in out
+
+
+def test_an_invalid_chain_is_taken_as_logged(
+    capsys: pytest.CaptureFixture[str], sender_dns: TestDnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = verdict_line(
+        result="fail", reason="chain invalid: certificate expired at 2026-05-01T00:00:00Z",
+        matched="", action="accept", chain="fetched from 192.0.2.7:25",
+    )  # fmt: skip
+    status, out, _ = explain(capsys, sender_dns, "-", stdin=line, monkeypatch=monkeypatch)
+    assert status == 0, out
+    assert "out.sender.test vs out.sender.test: MATCH, the same name" in out
+    assert (
+        "   the milter validated the chain itself: invalid: certificate expired at "
+        "2026-05-01T00:00:00Z\n   (so a name that matches above does not make it pass)\n"
+    ) in out
+    assert "5. Verdict now: mtls=fail: chain invalid: certificate expired at 2026" in out
+    assert "what to do: the chain does not validate" in out

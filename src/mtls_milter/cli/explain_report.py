@@ -249,9 +249,16 @@ def _chain_lines(ex: Explanation) -> list[str]:
         lines.append(f"   chain fetch: {clip(log.chain)}")
     if log.evidence is EvidenceKind.MTA:
         lines.append("   the MTA verified the certificate; its CN is the name above")
+    if log.evidence is EvidenceKind.CHAIN:
+        recorded = ex.now.evidence.validator.recorded
+        outcome = "valid" if recorded.valid else f"invalid: {clip(recorded.error)}"
+        lines.append(f"   the milter validated the chain itself: {outcome}")
+        if not recorded.valid and any(check.matches for check in ex.now.checks):
+            lines.append("   (so a name that matches above does not make it pass)")
     lines.append(
-        "   The certificate is not in the log: its chain, validity and key are not re-checked."
+        "   The certificate is not in the log: its chain, validity and key are not re-checked;"
     )
+    lines.append("   the re-run takes the logged outcome as it stands.")
     lines.append("   To check them: ask the partner for the chain, or see what its hosts serve:")
     lines += [f"     {command}" for command in _how_to_check(ex)]
     return lines
