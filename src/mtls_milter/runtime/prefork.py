@@ -1,20 +1,17 @@
 """Pre-forked workers: one supervising parent, N worker processes on one listening socket.
 
-The parent opens the listening socket (and whatever else needs the start-up privileges), then
-forks the workers; each inherits the socket and runs its own event loop in its own process (its
-own GIL); the kernel hands each connection to one of the processes waiting in ``accept()``. The
-parent serves no connection itself. It restarts a worker that dies (one log line with the pid
-and the exit status or signal; the delay doubles from 0.5 s to 30 s while workers die young,
-:class:`RestartBackoff`); fans SIGHUP/SIGUSR1 out as SIGHUP to every worker once its own check
-of the new configuration passed, and logs ``reloaded:`` when every worker confirmed; on
-SIGTERM/SIGINT sends SIGTERM to every worker, SIGKILL to stragglers after :data:`STOP_GRACE`
-seconds, and exits when all are gone; tells systemd READY=1 (all workers up), RELOADING=1/READY=1
-and STOPPING=1 (workers never do: NOTIFY_SOCKET is removed in them); answers each worker's
-requests on its private channel (:mod:`.worker_link`).
+The parent opens the listening socket (with the start-up privileges), then forks the workers;
+each inherits the socket and runs its own event loop in its own process (its own GIL); the
+kernel hands each connection to one of the processes waiting in ``accept()``. The parent serves
+no connection. It restarts a worker that dies (one log line with pid and exit status or signal;
+the delay doubles from 0.5 s to 30 s while workers die young, :class:`RestartBackoff`); checks a
+reload itself, then sends SIGHUP to every worker and logs ``reloaded:`` once all confirmed; on
+SIGTERM/SIGINT stops every worker (SIGKILL after :data:`STOP_GRACE` s) and exits when all are
+gone; alone tells systemd READY=1, RELOADING=1, STOPPING=1 (NOTIFY_SOCKET is removed in the
+workers); answers each worker's requests on its private channel (:mod:`.worker_link`).
 
-The supervisor knows nothing of milters: what a worker runs, what a request means and what a
-reload checks are given to it. :class:`SupervisorHooks` are the places for per-process
-bookkeeping (e.g. metrics): before a fork, after a worker started, after a worker exited.
+What a worker runs, what a request means and what a reload checks are given to the supervisor;
+:class:`SupervisorHooks` are the places for per-process bookkeeping (e.g. metrics).
 """
 
 from __future__ import annotations
@@ -93,7 +90,7 @@ def describe_status(status: int) -> str:
 
 @dataclass
 class SupervisorHooks:
-    """Optional callbacks in the parent (each must be quick and must not raise)."""
+    """Optional callbacks in the parent, each quick (one that raises is logged and ignored)."""
 
     before_fork: Callable[[int], None] | None = None  # slot
     worker_started: Callable[[int, int], None] | None = None  # slot, pid
@@ -247,8 +244,7 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         self._restart_at.pop(slot, None)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        if self.hooks.before_fork is not None:
-            self.hooks.before_fork(slot)
+        self._hook(self.hooks.before_fork, slot)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -264,8 +260,16 @@ class Supervisor:
         child_end.close()
         parent_end.setblocking(False)
         self.workers[pid] = Worker(slot, pid, parent_end, time.monotonic())
-        if self.hooks.worker_started is not None:
-            self.hooks.worker_started(slot, pid)
+        self._hook(self.hooks.worker_started, slot, pid)
+
+    @staticmethod
+    def _hook(hook: Callable[..., None] | None, *args: int) -> None:
+        """Call a bookkeeping hook; its failure is logged and changes nothing else."""
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:
+                log.exception("supervisor hook %s failed", getattr(hook, "__name__", hook))
 
     def _become_worker(self, slot: int, channel: socket.socket) -> NoReturn:
         """In the child: forget the parent's signal handling and sockets, run, exit."""
@@ -304,8 +308,7 @@ class Supervisor:
 
     def _exited(self, worker: Worker, status: int) -> None:
         worker.channel.close()
-        if self.hooks.worker_exited is not None:
-            self.hooks.worker_exited(worker.slot, worker.pid, status)
+        self._hook(self.hooks.worker_exited, worker.slot, worker.pid, status)
         how = describe_status(status)
         if self._stop_signal:
             log.info("worker %d (pid %d) %s", worker.slot, worker.pid, how)
