@@ -210,7 +210,7 @@ def test_any_reply_decodes_to_facts_or_a_value_error(reply: bytes) -> None:
 SUPERVISOR = textwrap.dedent(
     """
     import logging, os, sys, time
-    from mtls_milter.runtime.prefork import Supervisor
+    from mtls_milter.runtime.prefork import Supervisor, SupervisorHooks
     from mtls_milter.runtime.worker_link import UP
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
     mode = sys.argv[1]
@@ -222,9 +222,13 @@ SUPERVISOR = textwrap.dedent(
         time.sleep(3600)
         return 0
 
+    def broken(*args):
+        raise RuntimeError("hook")
+
+    hooks = SupervisorHooks(broken, broken, broken) if mode == "broken-hooks" else None
     ready = lambda pids: print("READY", *pids, flush=True)
     sys.exit(Supervisor(2, worker, answer=lambda r: r, reload=lambda t: "ok", on_ready=ready,
-                        stop_grace=2).run())
+                        hooks=hooks, stop_grace=2).run())
     """
 )
 
@@ -280,6 +284,17 @@ def test_the_supervisor_restarts_a_killed_worker_and_stops_all_on_sigterm(
     assert supervisor.returncode == 0, out
     assert "stopping on SIGTERM: 2 workers" in out
     assert out.count("killed by signal SIGTERM") == 2, out  # these workers take SIGTERM's default
+
+
+@pytest.mark.parametrize("supervisor", ["broken-hooks"], indirect=True)
+def test_failing_hooks_are_logged_and_change_nothing(supervisor: subprocess.Popen[str]) -> None:
+    time.sleep(1.0)
+    supervisor.send_signal(signal.SIGTERM)
+    out, _ = supervisor.communicate(timeout=10)
+    assert supervisor.returncode == 0, out
+    ready = [line for line in out.splitlines() if line.startswith("READY ")]
+    assert len(ready) == 1 and len(ready[0].split()) == 3, out
+    assert out.count("supervisor hook broken failed") == 6, out  # 2 forks, 2 starts, 2 exits
 
 
 # -- the pymilter transport -------------------------------------------------------------------
