@@ -25,7 +25,11 @@ from hypothesis import strategies as st
 
 from mtls_milter import __version__
 from mtls_milter.config import Config, ConfigError, config_from_mapping
-from mtls_milter.inbound.daemon_common import config_changes, config_summary
+from mtls_milter.inbound.daemon_common import (
+    config_changes,
+    config_summary,
+    warn_restart_only,
+)
 from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
 from mtls_milter.inbound.shared_sessions import RemoteSessionTable, answer_lookup, decode_facts
 from mtls_milter.runtime.prefork import RestartBackoff, describe_status
@@ -94,6 +98,19 @@ def test_config_changes_name_each_changed_key() -> None:
         source="elsewhere",  # where it came from is not a change of configuration
     )
     assert config_changes(old, new) == "dns.budget,policy.on_fail"
+
+
+def test_a_reload_warns_that_a_new_worker_count_needs_a_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old = Config()
+    with caplog.at_level(logging.WARNING, "mtls_milter"):
+        warn_restart_only(old, old)
+        assert caplog.text == ""
+        warn_restart_only(old, replace(old, milter=replace(old.milter, workers=4)))
+    assert "[milter] socket, transport or workers changed; takes effect only after a restart" in (
+        caplog.text
+    )
 
 
 def test_the_start_line_summarizes_the_configuration() -> None:
