@@ -10,6 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtls_milter.config import Config, config_from_mapping
@@ -21,6 +24,8 @@ from mtls_milter.inbound.metrics_observer import DaemonMetrics, milter_health, s
 from mtls_milter.inbound.session import EngineHolder
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.runtime import metrics
+from mtls_milter.runtime.metrics import LATENCY_BUCKETS
+from mtls_milter.runtime.metrics_tally import Tally
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -55,6 +60,11 @@ def test_a_judged_message_moves_verdict_action_dmarc_and_timings(daemon: DaemonM
     daemon.verdict(passed, "accept", "pass", 0.002, 0.4)
     daemon.verdict(Verdict(Result.FAIL, "no TLS", "b.test"), "reject", None, 0.001, 0.1)
     daemon.verdict(Verdict(Result.FAIL, "no TLS", "c.test"), "made-up", "weird", 0.001, 0.1)
+    pending = scrape()  # the counts wait in the tally until the next refresh (a scrape)
+    assert value(pending, "mtls_milter_actions_total", action="reject") == value(
+        before, "mtls_milter_actions_total", action="reject"
+    )
+    daemon.refresh()
     after = scrape()
 
     def moved(name: str, **labels: str) -> float:
@@ -135,6 +145,29 @@ def test_healthz_says_why_trust_store_then_socket(tmp_path: Path) -> None:
 def test_metrics_off_means_no_daemon_metrics() -> None:
     holder = EngineHolder(Engine.from_config(Config()))
     assert start_for_daemon(Config(), holder, serve_http=True) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(min_value=-1, max_value=100, allow_nan=False), max_size=40))
+def test_a_tally_adds_up_to_what_observe_and_inc_give(observed: list[float]) -> None:
+    registry = CollectorRegistry()
+    direct = Histogram("direct_seconds", "d", registry=registry, buckets=LATENCY_BUCKETS)
+    batched = Histogram("batched_seconds", "b", registry=registry, buckets=LATENCY_BUCKETS)
+    counted = Counter("counted", "c", registry=registry)
+    tally = Tally()
+    for amount in observed:
+        direct.observe(amount)
+        with tally.lock:
+            tally.observe(batched, amount)
+            tally.count(counted)
+    tally.flush()
+    samples = parse(generate_latest(registry).decode())
+
+    def of(name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(k[0].removeprefix(name), k[1]): v for k, v in samples.items() if name in k[0]}
+
+    assert of("direct_seconds") == pytest.approx(of("batched_seconds"))
+    assert value(samples, "counted_total") == len(observed)
 
 
 MULTIPROCESS = textwrap.dedent(

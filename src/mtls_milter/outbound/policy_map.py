@@ -42,6 +42,7 @@ from mtls_milter.outbound.netstring import NetstringError, NetstringReader, enco
 from mtls_milter.runtime import metrics
 from mtls_milter.runtime.logsetup import configure_logging
 from mtls_milter.runtime.metrics_http import MetricsServer, socket_accepts
+from mtls_milter.runtime.metrics_tally import DnsLookupMetrics, Tally
 from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
 from mtls_milter.runtime.stream_service import Listener, StreamService
@@ -120,7 +121,9 @@ def _start_metrics(config: Config, resolver: MxResolver) -> MetricsServer | None
         return None
     m = metrics.enable()
     if isinstance(resolver, DnsResolver):
-        resolver.on_lookup = metrics.DnsLookupMetrics(m)
+        tally = Tally()
+        resolver.on_lookup = DnsLookupMetrics(m, tally)
+        metrics.on_scrape(tally.flush)
     spec = config.policy_map.socket
 
     def health() -> tuple[bool, str]:

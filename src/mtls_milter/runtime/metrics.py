@@ -144,25 +144,6 @@ class Metrics:
         self.build_info = make.gauge("build_info", "Always 1; the version.", "livemax", "version")
 
 
-class DnsLookupMetrics:
-    """``DnsResolver.on_lookup``: the DNS histogram (answers from the network only; a cache
-    hit costs no time) and the cache hit/miss counters (the hit ratio follows from them)."""
-
-    def __init__(self, m: Metrics) -> None:
-        self._hit = m.dns_cache_lookups.labels("hit")
-        self._miss = m.dns_cache_lookups.labels("miss")
-        self._seconds = {rr: m.dns_lookup_seconds.labels(rr) for rr in RRTYPES}
-
-    def __call__(self, rrtype: str, seconds: float, cached: bool) -> None:
-        if cached:
-            self._hit.inc()
-            return
-        self._miss.inc()
-        histogram = self._seconds.get(rrtype)
-        if histogram is not None:
-            histogram.observe(seconds)
-
-
 @dataclass
 class _State:
     """This process's metrics and what /healthz and the config gauges remember."""
