@@ -65,12 +65,13 @@ def serve(config_path: str | None, engine: Engine, hooks: SupervisorHooks | None
             on_ready=parent.on_ready,
             hooks=hooks,
         )
-        return supervisor.run()
+        status = supervisor.run()
     finally:
         if policy is not None:
             policy.stop()
         _close(listeners)
-        log.info("stopped")
+    log.info("stopped")
+    return status
 
 
 def open_listeners(config: Config) -> list[socket.socket]:
