@@ -637,6 +637,18 @@ def test_ttl_capped_by_max_cache_ttl(
     assert dns_server.queries.count(("sender.test", CMX)) == 2
 
 
+def test_the_answer_carries_its_ttl_capped_by_max_cache_ttl(
+    dns_server: TestDnsServer, resolver_for: ResolverFactory
+) -> None:
+    """The verdict log line and ``explain`` show the Client MX TTL from here."""
+    dns_server.add("sender.test", CMX, "10 out.sender.test.", ttl=300)
+    dns_server.add("capped.test", CMX, "10 out.capped.test.", ttl=86400)
+    resolver = resolver_for(max_cache_ttl=3600)
+    assert resolver.client_mx("sender.test", 5).ttl == 300
+    assert resolver.client_mx("capped.test", 5).ttl == 3600
+    assert resolver.client_mx("sender.test", 5).ttl == 300  # the cached answer too
+
+
 @pytest.mark.parametrize("kind", ["nxdomain", "nodata"])
 def test_negative_answers_cached_for_soa_minimum(
     kind: str, dns_server: TestDnsServer, resolver_for: ResolverFactory

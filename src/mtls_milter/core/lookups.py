@@ -33,6 +33,7 @@ class HostLookup:
     null: bool = False  # RFC 7505 null (Client) MX: a single record "0 ." -> hosts=()
     implicit: bool = False  # server MX only: no MX but A/AAAA exists -> hosts=(domain,)
     detail: str = ""
+    ttl: int | None = None  # seconds, of the answer as received (capped); None: unknown
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ a closed DNS port is noticed at once instead of after the timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -369,4 +370,5 @@ def _hosts_from_outcome(
             HostLookup(outcome.status, detail=f"no {what} record ({outcome.detail})"),
             outcome.ttl,
         )
-    return hosts_from_rdatas(outcome.rrset, what, limit), outcome.ttl
+    hosts = hosts_from_rdatas(outcome.rrset, what, limit)
+    return dataclasses.replace(hosts, ttl=outcome.ttl), outcome.ttl
