@@ -11,17 +11,25 @@ at the same wall-clock second. Every configuration is measured in several interl
 the table shows the median round.
 
 Measured in the same run:
-1. unix socket, concurrency 1 and 8: ``mtls-milter serve`` (warm DNS cache: an in-process DNS
-   server serves the Client MX record with a one-hour TTL) vs ``bench/null_milter.py``;
+1. unix socket, concurrency 1 and 8: ``mtls-milter serve`` on its default asyncio transport
+   (which asks for "no reply" before end of message on a unix socket) with ``[milter] workers``
+   = 1 and = 2 (warm DNS cache: an in-process DNS server serves the Client MX record with a
+   one-hour TTL) vs two baselines: ``bench/null_milter.py`` as stock pymilter, and the same
+   null milter negotiating "no reply" too (``--no-reply``);
 2. inet 127.0.0.1: the null milter as stock pymilter (Nagle/delayed-ACK stall expected), the
-   null milter with TCP_NODELAY forced on its listener, and mtls-milter (which sets it); each
-   with miltertest as shipped and with TCP_NODELAY forced on miltertest's socket too (an
-   LD_PRELOAD ``connect`` wrapper compiled here with cc, when a C compiler exists). miltertest
-   writes the MAIL-stage macros and MAIL FROM as two small writes without waiting for a reply
-   between them, so without NODELAY on the client side every message also stalls ~40 ms on
-   the client's Nagle + the milter's delayed ACK, whatever the milter does.
+   null milter with TCP_NODELAY forced on its listener, the same with "no reply" (what "no
+   reply" costs over TCP), and mtls-milter (which sets TCP_NODELAY and answers every step over
+   TCP); each with miltertest as shipped and with TCP_NODELAY forced on miltertest's socket too
+   (an LD_PRELOAD ``connect`` wrapper compiled here with cc, when a C compiler exists).
+   miltertest writes the MAIL-stage macros and MAIL FROM as two small writes without waiting
+   for a reply between them, so without NODELAY on the client side every message also stalls
+   ~40 ms on the client's Nagle + the milter's delayed ACK, whatever the milter does.
 
-Milter CPU per message comes from /proc/PID/stat (all threads, user + system) around each run.
+Milter CPU per message comes from /proc/PID/stat (all threads, user + system) around each run,
+summed over the milter's process tree (the workers of ``workers = 2``).
+
+``--rss``: instead of the rates, each worker's resident memory after 1,000 and after 20,000
+messages (``workers`` = 1 and 2): flat means no per-message growth.
 
 If ``miltertest`` is missing, it is installed with apt-get when running as root; otherwise the
 bench prints why it skips and exits 0.
@@ -75,15 +83,58 @@ class MilterProc:
     log: Path
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the whole process so far (0 if unreadable)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU of the process and its children so far (0 if unreadable)."""
+        return sum(_cpu_seconds(pid) for pid in process_tree(self.process.pid))
+
+    def rss_kib(self) -> dict[int, int]:
+        """Resident memory (KiB) of every process of the tree that serves (the workers, or
+        the process itself when it has no children)."""
+        tree = process_tree(self.process.pid)
+        serving = tree[1:] or tree
+        return {pid: _rss_kib(pid) for pid in serving}
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _stat_fields(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = _stat_fields(pid)
+    if not fields:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (from /proc's parent ids), root first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
 
 
 @dataclass
@@ -167,7 +218,7 @@ def ensure_miltertest() -> str | None:
 
 
 def write_config(
-    tmp: Path, name: str, spec: str, nameserver: str, transport: str = "pymilter"
+    tmp: Path, name: str, spec: str, nameserver: str, transport: str = "asyncio", workers: int = 1
 ) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(
@@ -175,6 +226,7 @@ def write_config(
         f'socket = "{spec}"\n'
         f'authserv_id = "{AUTHSERV_ID}"\n'
         f'transport = "{transport}"\n'
+        f"workers = {workers}\n"
         "\n[dns]\n"
         f'nameservers = ["{nameserver}"]\n'
     )
@@ -210,18 +262,27 @@ class Bench:
         self.processes.append(process)
         return process
 
-    def start_null(self, label: str, spec: str, nodelay: bool) -> MilterProc:
+    def start_null(
+        self, label: str, spec: str, nodelay: bool, no_reply: bool = False
+    ) -> MilterProc:
         log = self.tmp / f"{label}.log"
         command = [sys.executable, str(NULL_MILTER), "--socket", spec]
         if nodelay:
             command.append("--nodelay")
+        if no_reply:
+            command.append("--no-reply")
         return MilterProc(label, spec, NULL_HEADER, self._spawn(command, log), log)
 
     def start_ours(
-        self, label: str, spec: str, nameserver: str, transport: str = "pymilter"
+        self,
+        label: str,
+        spec: str,
+        nameserver: str,
+        transport: str = "asyncio",
+        workers: int = 1,
     ) -> MilterProc:
         log = self.tmp / f"{label}.log"
-        config = write_config(self.tmp, label, spec, nameserver, transport)
+        config = write_config(self.tmp, label, spec, nameserver, transport, workers)
         command = [sys.executable, "-m", "mtls_milter", "serve", "--config", str(config)]
         return MilterProc(label, spec, OURS_HEADER, self._spawn(command, log), log)
 
@@ -351,7 +412,8 @@ def short_tmpdir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     miltertest = ensure_miltertest()
     if miltertest is None:
         return 0
@@ -360,6 +422,8 @@ def main() -> int:
         dns_server.add("sender.test", 265, "10 out.sender.test.", ttl=3600)
         bench = Bench(miltertest, tmp)
         try:
+            if "--rss" in args:
+                return measure_rss(bench, tmp, dns_server)
             return measure(bench, tmp, dns_server, began)
         finally:
             bench.close()
@@ -367,22 +431,34 @@ def main() -> int:
 
 Key = tuple[str, int, str]  # (client mode, concurrency, milter label)
 CLIENT_STOCK, CLIENT_NODELAY, UNIX = "miltertest stock", "miltertest NODELAY", "unix"
+UNIX_LABELS = ("null-unix", "null-unix-nr", "ours-unix-w1", "ours-unix-w2")
+TCP_LABELS = ("null-tcp-stock", "null-tcp-nodelay", "null-tcp-nr", "ours-tcp")
 
 
-def measure(bench: Bench, tmp: Path, dns_server: TestDnsServer, began: float) -> int:
-    ns = dns_server.nameserver
-    shim, shim_missing = build_nodelay_shim(tmp)
-    milters = {
+def start_milters(bench: Bench, tmp: Path, ns: str) -> dict[str, MilterProc]:
+    return {
         "null-unix": bench.start_null("null-unix", f"unix:{tmp}/null.sock", nodelay=False),
-        "ours-unix": bench.start_ours("ours-unix", f"unix:{tmp}/ours.sock", ns),
+        "null-unix-nr": bench.start_null(
+            "null-unix-nr", f"unix:{tmp}/null-nr.sock", nodelay=False, no_reply=True
+        ),
+        "ours-unix-w1": bench.start_ours("ours-unix-w1", f"unix:{tmp}/ours1.sock", ns),
+        "ours-unix-w2": bench.start_ours("ours-unix-w2", f"unix:{tmp}/ours2.sock", ns, workers=2),
         "null-tcp-stock": bench.start_null(
             "null-tcp-stock", f"inet:{free_port()}@127.0.0.1", nodelay=False
         ),
         "null-tcp-nodelay": bench.start_null(
             "null-tcp-nodelay", f"inet:{free_port()}@127.0.0.1", nodelay=True
         ),
+        "null-tcp-nr": bench.start_null(
+            "null-tcp-nr", f"inet:{free_port()}@127.0.0.1", nodelay=True, no_reply=True
+        ),
         "ours-tcp": bench.start_ours("ours-tcp", f"inet:{free_port()}@127.0.0.1", ns),
     }
+
+
+def measure(bench: Bench, tmp: Path, dns_server: TestDnsServer, began: float) -> int:
+    shim, shim_missing = build_nodelay_shim(tmp)
+    milters = start_milters(bench, tmp, dns_server.nameserver)
     headers = {label: warm_up(bench, m) for label, m in milters.items()}
     dns_queries_after_warmup = len(dns_server.queries)
     print(
@@ -395,19 +471,19 @@ def measure(bench: Bench, tmp: Path, dns_server: TestDnsServer, began: float) ->
         print(f"  client-side TCP_NODELAY rows: same, with LD_PRELOAD={shim.name}")
     else:
         print(f"  client-side TCP_NODELAY rows skipped: {shim_missing}")
-    for label in ("ours-unix", "ours-tcp"):
+    for label in ("ours-unix-w1", "ours-unix-w2", "ours-tcp"):
         value = headers[label]
         state = "ok" if EXPECTED_OURS.match(value.replace("\\n", "\n")) else "UNEXPECTED"
         print(f"{label} inserted {OURS_HEADER}: {value!r} [{state}]")
 
     clients = [CLIENT_STOCK] + ([CLIENT_NODELAY] if shim is not None else [])
     plan: list[Key] = [
-        (UNIX, concurrency, label) for concurrency in (1, 8) for label in ("null-unix", "ours-unix")
+        (UNIX, concurrency, label) for concurrency in (1, 8) for label in UNIX_LABELS
     ] + [
         (client, concurrency, label)
         for client in clients
         for concurrency in (1, 8)
-        for label in ("null-tcp-stock", "null-tcp-nodelay", "ours-tcp")
+        for label in TCP_LABELS
     ]
     figures = {key: Figure() for key in plan}
     for round_no in range(ROUNDS):
@@ -449,34 +525,75 @@ def measure(bench: Bench, tmp: Path, dns_server: TestDnsServer, began: float) ->
     return 0
 
 
+RSS_EARLY, RSS_LATE = 1_000, 20_000  # messages
+
+
+def measure_rss(bench: Bench, tmp: Path, dns_server: TestDnsServer) -> int:
+    """Each worker's RSS after 1,000 and after 20,000 messages (4 parallel clients)."""
+    ns = dns_server.nameserver
+    print(f"RSS per serving process after {RSS_EARLY:,} and {RSS_LATE:,} messages (KiB)")
+    for workers in (1, 2):
+        label = f"ours-unix-w{workers}"
+        milter = bench.start_ours(label, f"unix:{tmp}/rss{workers}.sock", ns, workers=workers)
+        warm_up(bench, milter)
+        sent = 20
+        rows: list[str] = []
+        for target in (RSS_EARLY, RSS_LATE):
+            per_client = max((target - sent) // 4, 1)
+            _, _, failures, _ = bench.run(milter, 4, 3600, count=per_client)
+            sent += 4 * per_client
+            rss = milter.rss_kib()
+            rows.append(f"after {sent:>6,} messages: " + ", ".join(f"{v:,}" for v in rss.values()))
+            for failure in failures[:3]:
+                rows.append(f"  FAILURE {failure}")
+        print(f"{label}:")
+        for row in rows:
+            print(f"  {row}")
+        milter.process.terminate()
+        milter.process.wait(10)
+    return 0
+
+
 def report(figures: dict[Key, Figure], clients: list[str]) -> None:
     def med(client: str, concurrency: int, label: str) -> float:
         figure = figures.get((client, concurrency, label))
         return figure.median if figure else math.nan
 
     print()
-    head = f"{'transport':<48} {'conc':>4} {'null msg/s':>11} {'ours msg/s':>11} {'ratio':>7}"
+    head = f"{'unix socket':<34} {'conc':>4} {'msg/s':>8} {'vs null':>8} {'vs null NR':>10}"
     print(head)
     print("-" * len(head))
     for concurrency in (1, 8):
-        null, ours = med(UNIX, concurrency, "null-unix"), med(UNIX, concurrency, "ours-unix")
-        print(
-            f"{'unix socket':<48} {concurrency:>4} {fmt(null):>11} {fmt(ours):>11} "
-            f"{ratio(ours, null):>7}  (target >= 0.70x)"
-        )
+        null = med(UNIX, concurrency, "null-unix")
+        null_nr = med(UNIX, concurrency, "null-unix-nr")
+        for label in UNIX_LABELS:
+            rate = med(UNIX, concurrency, label)
+            print(
+                f"{label:<34} {concurrency:>4} {fmt(rate):>8} {ratio(rate, null):>8} "
+                f"{ratio(rate, null_nr):>10}"
+            )
+    print("(target: ours >= 0.80x the null pymilter milter at concurrency 1 and 8)")
+    print()
+    head = f"{'transport':<48} {'conc':>4} {'null msg/s':>11} {'ours msg/s':>11} {'ratio':>7}"
+    print(head)
+    print("-" * len(head))
     for client in clients:
         for concurrency in (1, 8):
             ours = med(client, concurrency, "ours-tcp")
-            for label, null_kind in (("null-tcp-stock", "stock"), ("null-tcp-nodelay", "NODELAY")):
+            for label, null_kind in (
+                ("null-tcp-stock", "stock"),
+                ("null-tcp-nodelay", "NODELAY"),
+                ("null-tcp-nr", "NODELAY + no reply"),
+            ):
                 null = med(client, concurrency, label)
-                name = f"inet 127.0.0.1, {client}, null {null_kind}"
+                name = f"inet, {client}, null {null_kind}"
                 print(
                     f"{name:<48} {concurrency:>4} {fmt(null):>11} {fmt(ours):>11} "
                     f"{ratio(ours, null):>7}"
                 )
 
     print()
-    print("per-round rates (msg/s) and median milter CPU per message:")
+    print("per-round rates (msg/s) and median milter CPU per message (process tree):")
     for key, figure in figures.items():
         rounds = ", ".join(fmt(r) for r in figure.rates)
         cpu = "-" if math.isnan(figure.cpu) else f"{figure.cpu:,.0f} µs CPU/msg"
@@ -485,27 +602,13 @@ def report(figures: dict[Key, Figure], clients: list[str]) -> None:
     print()
     for client in clients:
         for concurrency in (1, 8):
-            stock = med(client, concurrency, "null-tcp-stock")
             nodelay = med(client, concurrency, "null-tcp-nodelay")
-            ours = med(client, concurrency, "ours-tcp")
+            no_reply = med(client, concurrency, "null-tcp-nr")
             print(
-                f"{client}, c={concurrency}: null NODELAY/stock {ratio(nodelay, stock)}, "
-                f"ours/stock null {ratio(ours, stock)}, ours/NODELAY null "
-                f"{ratio(ours, nodelay)}; per connection: ours {fmt(ours / concurrency)}, "
-                f"null NODELAY {fmt(nodelay / concurrency)} msg/s"
+                f"{client}, c={concurrency}: null with no reply / null answering every step "
+                f"over TCP: {ratio(no_reply, nodelay)}; per connection "
+                f"{fmt(no_reply / concurrency)} vs {fmt(nodelay / concurrency)} msg/s"
             )
-            if math.isnan(ours) or math.isnan(nodelay):
-                continue
-            if ours / concurrency < 40 and nodelay / concurrency >= 100:
-                print(
-                    "  FINDING: ours still stalls ~40 ms per message while the NODELAY null "
-                    "milter does not: inbound/daemon.py's TCP_NODELAY trick does not take effect"
-                )
-            elif ours / concurrency < 40:
-                print(
-                    "  note: every milter stalls here (~40 ms per message): the stall is on "
-                    "the client side (miltertest's own Nagle), not the milter's"
-                )
 
 
 if __name__ == "__main__":

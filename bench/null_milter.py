@@ -8,10 +8,13 @@ field and accepts.
 Run::
 
     python bench/null_milter.py --socket unix:/tmp/null.sock
+    python bench/null_milter.py --socket unix:/tmp/null.sock --no-reply
     python bench/null_milter.py --socket inet:PORT@127.0.0.1 --nodelay
 
 ``--nodelay`` sets TCP_NODELAY on the listening socket after ``opensocket`` (accepted sockets
 inherit it), the way ``mtls-milter serve`` does; without it this is stock pymilter/libmilter.
+``--no-reply`` negotiates "no reply" (SMFIP_NR_*) for every step before end of message, as
+mtls-milter does on a unix socket (pymilter's ``@Milter.noreply``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,26 @@ class NullMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     def close(self) -> int:
+        return CONTINUE
+
+
+class NoReplyNullMilter(NullMilter):
+    """The same, sending no reply before end of message (SMFIP_NR_CONN/HELO/MAIL/HDR)."""
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def hello(self, heloname: str) -> int:
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def header(self, name: str, value: str) -> int:
         return CONTINUE
 
 
@@ -105,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--socket", required=True, help="libmilter socket spec")
     parser.add_argument("--nodelay", action="store_true", help="force TCP_NODELAY")
+    parser.add_argument("--no-reply", action="store_true", help="no reply before end of message")
     args = parser.parse_args(argv)
-    Milter.factory = NullMilter
+    Milter.factory = NoReplyNullMilter if args.no_reply else NullMilter
     _register()
     milter.setconn(args.socket)
     milter.settimeout(600)

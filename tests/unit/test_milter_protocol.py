@@ -29,7 +29,7 @@ from mtls_milter.inbound.replies import (
     Reply,
     SmtpReply,
 )
-from mtls_milter.inbound.wire import ActionFlag, ProtocolFlag, Stage, text
+from mtls_milter.inbound.wire import ActionFlag, ProtocolFlag, Stage, macro_key, text
 
 READ_SIZES = (1, 7, 4096)
 POSTFIX_ACTIONS = 0x1FF
@@ -802,3 +802,19 @@ def test_one_answer_per_command_that_expects_one(
             assert len(finals) <= 1
         if core.closed:
             break
+
+
+_NAME_BYTES = st.sampled_from([b"i", b"j", b"{i}", b"{j}", b"{tls_version}", b"{cert_fp}", b"x"])
+_STAGE_SET = st.none() | st.dictionaries(
+    _NAME_BYTES.map(macro_key), st.binary(max_size=12), max_size=5
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_STAGE_SET, min_size=len(Stage), max_size=len(Stage)), st.lists(_NAME_BYTES))
+def test_macro_texts_for_several_names_equal_one_lookup_each(
+    slots: list[dict[bytes, bytes] | None], names: list[bytes]
+) -> None:
+    macros = ev.Macros(tuple(slots))
+    wanted = tuple((text(n), macro_key(n)) for n in names)
+    assert macros.texts(wanted) == {text(n): macros.text(n) for n in names}

@@ -207,7 +207,19 @@ class MilterServer:
         conn.setblocking(False)
         stream = MilterStream(self, peer_id)
         self._streams.add(stream)
-        task = asyncio.get_running_loop().create_task(self._connect(conn, stream))
+        loop = asyncio.get_running_loop()
+        # The stock selector loop makes the transport at once (what connect_accepted_socket
+        # does inside, minus a task and a future per connection); other loops (uvloop) get the
+        # public coroutine.
+        make_transport = getattr(loop, "_make_socket_transport", None)
+        if make_transport is not None:
+            try:
+                make_transport(conn, stream)
+            except OSError:
+                conn.close()
+                self.release(stream)
+            return
+        task = loop.create_task(self._connect(conn, stream))
         self._starting.add(task)  # a reference, so the task is not garbage-collected
         task.add_done_callback(self._starting.discard)
 

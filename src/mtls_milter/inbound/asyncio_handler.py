@@ -43,7 +43,7 @@ from .replies import (
 )
 from .session import ENVFROM_MACROS, EOM_MACROS, HELO_MACROS, MilterSession, Outcome
 from .session_dmarc import wants_body
-from .wire import ActionFlag, ProtocolFlag, Stage, text
+from .wire import ActionFlag, ProtocolFlag, Stage, macro_key, text
 
 log = logging.getLogger("mtls_milter")
 
@@ -178,8 +178,17 @@ def handler_factory(
     return lambda peer: SessionHandler(make_session(), eom_executor)
 
 
+def _keyed(names: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, macro_key(name.encode())) for name in names)
+
+
+_KEYS: dict[tuple[str, ...], tuple[tuple[str, bytes], ...]] = {
+    names: _keyed(names) for names in (HELO_MACROS, ENVFROM_MACROS, EOM_MACROS)
+}
+
+
 def _values(macros: Macros, names: tuple[str, ...]) -> dict[str, str | None]:
-    return {name: macros.text(name) for name in names}
+    return macros.texts(_KEYS.get(names) or _keyed(names))
 
 
 def _reply(outcome: Outcome) -> Reply:

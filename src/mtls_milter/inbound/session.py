@@ -20,25 +20,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mtls_milter.config import Config
 from mtls_milter.core.decisions import action_for
-from mtls_milter.core.dmarc_message import DmarcOutcome, our_methods
-from mtls_milter.core.evaluate import Verdict
+from mtls_milter.core.dmarc_message import DmarcOutcome
+from mtls_milter.core.evaluate import Result, Verdict
 from mtls_milter.core.evidence import session_from_macros
-from mtls_milter.core.header import HEADER_NAME, fields_to_delete, render_folded
+from mtls_milter.core.header import HEADER_NAME
 from mtls_milter.core.lookups import HostLookup
 from mtls_milter.core.names import SenderKind, parse_mail_from
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher
 from mtls_milter.inbound.guard import guarded
 from mtls_milter.inbound.observer import NULL_OBSERVER, SessionObserver
+from mtls_milter.inbound.outcome import (
+    ACCEPT,
+    CONTINUE,
+    action_outcome,
+    guarded_headers,
+    with_headers,
+)
+from mtls_milter.inbound.outcome import HeaderChange as HeaderChange
+from mtls_milter.inbound.outcome import Outcome as Outcome
 from mtls_milter.inbound.policy_service import SessionTable
 from mtls_milter.inbound.session_dmarc import (
     collector_for,
@@ -49,12 +57,12 @@ from mtls_milter.inbound.session_dmarc import (
 from mtls_milter.inbound.session_evidence import (
     Transaction,
     in_networks,
-    reply_text,
     start_chain_fetch,
     tls_session,
     verdict_for,
 )
 from mtls_milter.inbound.verdict_log import JsonText, MessageClock, log_fields
+from mtls_milter.inbound.verdict_memo import VERDICTS, reusable_answer
 
 log = logging.getLogger("mtls_milter")
 
@@ -74,9 +82,6 @@ HELO_MACROS = (*TLS_MACROS, "j")
 ENVFROM_MACROS = (*TLS_MACROS, "j", "i", "{auth_type}")
 EOM_MACROS = ("i",)
 
-REPLY_REJECT = ("550", "5.7.1")
-REPLY_TEMPFAIL = ("451", "4.7.0")
-
 MacroValues = Mapping[str, str | None]
 Dmarc = DmarcOutcome | None
 
@@ -86,33 +91,6 @@ class EngineHolder:
     """The current engine; a reload swaps it while sessions in flight keep theirs."""
 
     engine: Engine
-
-
-@dataclass(frozen=True)
-class HeaderChange:
-    """One header change: delete the ``index``-th (from 1) field called ``name``, or insert a
-    field at position ``index`` (0: at the top)."""
-
-    name: str
-    index: int
-    value: str = ""
-    delete: bool = False
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A transport-neutral answer: ``continue``, ``accept``, ``reject`` or ``tempfail``; for the
-    last two an SMTP reply (code, enhanced code, text); header changes in the order to apply;
-    ``quarantine``: put the accepted message on hold with this reason (DMARC)."""
-
-    action: str = "continue"
-    reply: tuple[str, str, str] | None = None
-    headers: tuple[HeaderChange, ...] = ()
-    quarantine: str = ""
-
-
-CONTINUE = Outcome()
-ACCEPT = Outcome("accept")
 
 
 @dataclass
@@ -245,7 +223,7 @@ class MilterSession:
             return ACCEPT
         started = time.monotonic()
         tx.macros.update({k: v for k, v in macros.items() if v})
-        verdict = verdict_for(tx, self._sessions, self._fetcher)
+        verdict = self._verdict(tx)
         self._note_chain(tx, started)
         mtls_action = action_for(verdict, tx.engine.config.policy)
         dry_run = tx.engine.config.policy.dry_run
@@ -254,9 +232,9 @@ class MilterSession:
             dmarc = dmarc_outcome(tx, tx.collector, verdict, started)
         outcome = ACCEPT
         if not dry_run:
-            outcome = _action_outcome(mtls_action, verdict, dmarc)
+            outcome = action_outcome(mtls_action, verdict, dmarc)
         if not dry_run and self.header_actions:
-            outcome = replace(outcome, headers=_guarded_headers(tx, verdict, dmarc))
+            outcome = with_headers(outcome, guarded_headers(tx, verdict, dmarc))
         action = combined_action(mtls_action, dmarc) if not dry_run else mtls_action
         finished = time.monotonic()
         side_effect("logging the verdict", self._log, tx, verdict, action, dry_run, dmarc, finished)
@@ -270,6 +248,27 @@ class MilterSession:
             finished - tx.started,
         )
         return outcome
+
+    def _verdict(self, tx: Transaction) -> Verdict:
+        """The verdict, reused when the same inputs were judged before (inbound/verdict_memo.py)."""
+        config = tx.engine.config
+        if config.policy.server_mx_fallback or tx.chain_fetch is not None:
+            return verdict_for(tx, self._sessions, self._fetcher)
+        prefetch = tx.prefetch
+        held = prefetch.result() if prefetch is not None and prefetch.done() else None
+        if not reusable_answer(held) or prefetch is None or prefetch.exception() is not None:
+            return verdict_for(tx, self._sessions, self._fetcher)
+        session = tls_session(tx, self._sessions)
+        chain_possible = self._fetcher is not None and config.chain_fetch.enabled
+        if chain_possible and (session.fingerprint or session.fingerprint_md5):
+            return verdict_for(tx, self._sessions, self._fetcher)
+        key = (tx.mail_from, tx.helo, session, held)
+        verdict = VERDICTS.get(tx.engine, key)
+        if verdict is None:
+            verdict = verdict_for(tx, self._sessions, self._fetcher)
+            if verdict.result is not Result.TEMPERROR:  # an internal error is not kept
+                VERDICTS.put(tx.engine, key, verdict)
+        return verdict
 
     def eom_may_block(self) -> bool:
         """Whether :meth:`eom` may wait: for the Client MX lookup still running, for a chain
@@ -339,43 +338,6 @@ class MilterSession:
             fields["dmarc"] = log_object(dmarc)
         # One JSON text in the text format; the fields themselves in --log-format json.
         log.info("verdict %s", JsonText(fields), extra={"fields": fields, "event": "verdict"})
-
-
-def _action_outcome(mtls_action: str, verdict: Verdict, dmarc: DmarcOutcome | None) -> Outcome:
-    """The answer for the decided actions: the mtls reject or tempfail, else DMARC's."""
-    if mtls_action != "accept":
-        code, xcode = REPLY_REJECT if mtls_action == "reject" else REPLY_TEMPFAIL
-        return Outcome(mtls_action, (code, xcode, reply_text(verdict)))
-    action = combined_action(mtls_action, dmarc)
-    if action == "reject" and dmarc is not None:
-        return Outcome("reject", dmarc.decision.reply)
-    if action == "quarantine" and dmarc is not None:
-        return Outcome("accept", quarantine=dmarc.decision.why)
-    return ACCEPT
-
-
-def _guarded_headers(
-    tx: Transaction, verdict: Verdict, dmarc: DmarcOutcome | None = None
-) -> tuple[HeaderChange, ...]:
-    """Forged fields to delete (descending, so earlier indexes stay valid), then ours on top."""
-    try:
-        config = tx.engine.config
-        authserv_id = config.milter.authserv_id or tx.macros.get("j") or socket.gethostname()
-        forged = fields_to_delete(
-            tx.ar_values,
-            authserv_id,
-            delete_all_ours=config.milter.delete_all_own_results,
-            methods=our_methods(config),
-        )
-        ours = verdict.header_field(authserv_id)
-        if dmarc is not None:
-            ours = replace(ours, more=dmarc.methods)
-        value = render_folded(ours)
-    except Exception:
-        log.exception("rewriting the header fields failed; the decision stands")
-        return ()
-    deletions = tuple(HeaderChange(HEADER_NAME, i, delete=True) for i in forged)
-    return (*deletions, HeaderChange(HEADER_NAME, 0, value))
 
 
 _warned: set[str] = set()
