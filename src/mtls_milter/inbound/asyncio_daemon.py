@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from mtls_milter.config import Config
@@ -41,13 +40,12 @@ from mtls_milter.inbound.observer import NULL_OBSERVER
 from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.inbound.session import EngineHolder, MilterSession
 from mtls_milter.inbound.shared_sessions import RemoteSessionTable
+from mtls_milter.net.lookup_pool import LookupPool
 from mtls_milter.runtime.sdnotify import notify
 from mtls_milter.runtime.worker_link import RELOADED, UP, WorkerLink, mib, rss_bytes
 
 log = logging.getLogger("mtls_milter")
 
-PREFETCH_THREADS = 32  # DNS lookups started at MAIL FROM
-EOM_THREADS = 64  # end-of-message decisions waiting for DNS or a chain fetch
 STOP_GRACE = 10.0  # seconds messages in flight get after SIGTERM
 RELOAD_SIGNALS = (signal.SIGUSR1, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -77,8 +75,10 @@ class AsyncioDaemon:
         self._holder = EngineHolder(engine)
         self._worker = worker
         self._reloader = EngineReloader(config_path, self._holder, self._reload_announcement)
-        self._prefetch = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
-        self._eom = ThreadPoolExecutor(EOM_THREADS, thread_name_prefix="eom")
+        # A thread per DNS lookup or waiting end of message, on demand: no fixed pool that an
+        # unrelated message could queue behind (docs/design.md "DNS under load").
+        self._prefetch = LookupPool(name="prefetch")
+        self._eom = LookupPool(name="eom")
         self._sessions = SessionTable() if worker is None else RemoteSessionTable(worker.link)
         self._fetcher = ChainFetcher()
         self._metrics: DaemonMetrics | None = None  # [metrics] listen set: the session observer

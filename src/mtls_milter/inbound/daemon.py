@@ -37,7 +37,6 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -60,6 +59,7 @@ from mtls_milter.inbound.daemon_common import (
 from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
 from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.inbound.session import MilterSession
+from mtls_milter.net.lookup_pool import LookupPool
 from mtls_milter.runtime.logsetup import configure_logging
 from mtls_milter.runtime.options import add_command, add_daemon_options
 from mtls_milter.runtime.sdnotify import notify
@@ -73,7 +73,6 @@ log = logging.getLogger("mtls_milter")
 
 MILTER_NAME = "mtls-milter"
 MILTER_TIMEOUT = 600  # seconds libmilter waits for the MTA between commands
-PREFETCH_THREADS = 32
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MAIN_THREAD_SIGNALS = (signal.SIGHUP, *STOP_SIGNALS)  # the ones libmilter's thread waits for
 DAEMON_SIGNALS = (*MAIN_THREAD_SIGNALS, signal.SIGUSR1)
@@ -121,7 +120,7 @@ class Daemon:
     def __init__(self, config_path: str | None, engine: Engine) -> None:
         self._holder = EngineHolder(engine)
         self._reloader = EngineReloader(config_path, self._holder)
-        self._executor = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
+        self._executor = LookupPool(name="prefetch")  # a thread per lookup, on demand
         self._thread: threading.Thread | None = None
         self._sessions = SessionTable()
         self._fetcher = ChainFetcher()
