@@ -230,3 +230,32 @@ def test_workers_counts_add_up_and_a_dead_workers_gauges_vanish(tmp_path: Path) 
 def test_an_unknown_rrtype_or_action_never_becomes_a_label() -> None:
     assert "other" not in metrics.RRTYPES
     assert {"accept", "reject", "tempfail", "quarantine"} == metrics_observer.ACTIONS
+
+
+def test_supervisor_hooks_count_live_workers_and_call_the_others_too() -> None:
+    from mtls_milter.inbound.metrics_observer import SupervisorMetrics
+    from mtls_milter.runtime.metrics_http import MetricsServer
+    from mtls_milter.runtime.prefork import SupervisorHooks
+
+    metrics.enable()
+    engine = Engine.from_config(Config())
+    seen: list[tuple[int, ...]] = []
+    others = SupervisorHooks(
+        before_fork=lambda slot: seen.append((slot,)),
+        worker_started=lambda slot, pid: seen.append((slot, pid)),
+        worker_exited=lambda slot, pid, status: seen.append((slot, pid, status)),
+    )
+    with MetricsServer("127.0.0.1:0", metrics.render, lambda: (True, "")) as server:
+        supervisor = SupervisorMetrics(server, engine)
+        hooks = supervisor.hooks(others)
+        assert hooks.before_fork and hooks.worker_started and hooks.worker_exited
+        hooks.before_fork(0)
+        hooks.worker_started(0, 101)
+        hooks.worker_started(1, 102)
+        assert value(scrape(), "mtls_milter_workers") == 2
+        hooks.worker_exited(0, 101, 9)
+        assert value(scrape(), "mtls_milter_workers") == 1
+        generation = value(scrape(), "mtls_milter_config_generation")
+        supervisor.reloaded(engine)
+        assert value(scrape(), "mtls_milter_config_generation") == generation + 1
+    assert seen == [(0,), (0, 101), (1, 102), (0, 101, 9)]

@@ -22,12 +22,15 @@ from typing import Any
 from mtls_milter.config import Config
 from mtls_milter.core.evaluate import Verdict
 from mtls_milter.core.reason_class import reason_class
+from mtls_milter.engine import Engine
+from mtls_milter.errors import StartupError
 from mtls_milter.inbound.session import EngineHolder
 from mtls_milter.net.dns import DnsResolver
 from mtls_milter.runtime import metrics
 from mtls_milter.runtime.metrics import Metrics
 from mtls_milter.runtime.metrics_http import MetricsServer, socket_accepts
 from mtls_milter.runtime.metrics_tally import DnsLookupMetrics, Tally
+from mtls_milter.runtime.prefork import SupervisorHooks
 
 log = logging.getLogger("mtls_milter")
 
@@ -167,3 +170,66 @@ def milter_health(config: Config) -> Callable[[], tuple[bool, str]]:
         return True, ""
 
     return health
+
+
+class SupervisorMetrics:
+    """The supervising parent's part with ``[milter] workers`` > 1: it serves /metrics (the sum
+    of every process's files) and /healthz, counts live workers, drops an exited worker's
+    gauges, and reports its own reload checks (a refused reload never reaches the workers)."""
+
+    def __init__(self, server: MetricsServer, engine: Engine) -> None:
+        self.server = server
+        self._alive: set[int] = set()
+        self._generation = 1
+        metrics.config_loaded(1, engine.validator.anchor_count)
+
+    def hooks(self, others: SupervisorHooks | None = None) -> SupervisorHooks:
+        """The supervisor's hooks: ours, then ``others``' (when given)."""
+        others = others or SupervisorHooks()
+
+        def before_fork(slot: int) -> None:
+            if others.before_fork is not None:
+                others.before_fork(slot)
+
+        def started(slot: int, pid: int) -> None:
+            self._alive.add(pid)
+            metrics.workers_alive(len(self._alive))
+            if others.worker_started is not None:
+                others.worker_started(slot, pid)
+
+        def exited(slot: int, pid: int, status: int) -> None:
+            self._alive.discard(pid)
+            metrics.worker_exited(pid)
+            metrics.workers_alive(len(self._alive))
+            if others.worker_exited is not None:
+                others.worker_exited(slot, pid, status)
+
+        return SupervisorHooks(before_fork, started, exited)
+
+    def reloaded(self, engine: Engine) -> None:
+        """The parent's reload check passed with ``engine``."""
+        self._generation += 1
+        metrics.config_loaded(self._generation, engine.validator.anchor_count)
+
+    def close_in_child(self) -> None:
+        """In a forked worker: let go of the parent's HTTP sockets."""
+        self.server.close_in_child()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_for_supervisor(config: Config, engine: Engine) -> SupervisorMetrics | None:
+    """In the supervising parent, before it forks and drops privileges: multiprocess metrics
+    and the HTTP endpoint (None when ``[metrics] listen`` is empty); StartupError when the
+    endpoint cannot listen. A refused reload: :func:`metrics.reload_failed` (as every reload
+    refusal is reported)."""
+    if not config.metrics.listen:
+        return None
+    metrics.setup(config, config.milter.workers)
+    try:
+        server = metrics.start_server(config, milter_health(config))
+    except OSError as exc:
+        where = f"[metrics] listen {config.metrics.listen}"
+        raise StartupError(f"cannot listen on {where}: {exc}") from None
+    return SupervisorMetrics(server, engine)

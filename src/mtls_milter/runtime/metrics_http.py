@@ -58,11 +58,13 @@ class MetricsHttp(StreamService):
         self._render = render
         self._health = health
         self.host, self.port = host, port  # after the base class set port = 0
+        self.sockets: list[socket.socket] = []  # the listening sockets, once open
 
     async def listen(self) -> Listener:
         """Listen on every address of the host (all of them for an empty host)."""
         sockets = tcp_listener_sockets(self.host, self.port)
         self.port = int(sockets[0].getsockname()[1])
+        self.sockets = sockets
         return Listener(sockets, self._on_connect, log=self._accept_log, limit=MAX_HEAD)
 
     async def serve_connection(
@@ -137,6 +139,12 @@ class MetricsServer(ServiceThread):
     @property
     def port(self) -> int:
         return self.http.port
+
+    def close_in_child(self) -> None:
+        """In a forked child: close the inherited listening sockets (the thread is not there)."""
+        for sock in self.http.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     async def _serve_http(self, stop: asyncio.Event, ready: Callable[[], None]) -> None:
         listener = await self.http.listen()
