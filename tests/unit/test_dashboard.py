@@ -14,7 +14,6 @@ loudly, except under ``CI=true`` where they fail.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
+from support.prometheus import require
 
 from mtls_milter.core.evaluate import Result
 from mtls_milter.core.evidence import EvidenceKind
@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "examples" / "grafana" / "mtls-milter.json"
 ALERTS = ROOT / "examples" / "prometheus" / "alerts.yml"
 SCRAPE = ROOT / "examples" / "prometheus" / "prometheus.yml"
-PROM_ROOT = Path(os.environ.get("MTLS_PROMETHEUS_ROOT", "/opt/mtls-test/prometheus"))
 DATASOURCE_UID = "${datasource}"
 
 
@@ -260,17 +259,9 @@ def test_alert_expressions_name_only_exported_metrics_labels_and_values() -> Non
 
 
 def promtool() -> str:
-    """Path of promtool; skips (fails under CI=true) when it is not there."""
-    found = shutil.which("promtool") or str(PROM_ROOT / "usr" / "bin" / "promtool")
-    if os.access(found, os.X_OK):
-        return found
-    why = (
-        f"!!! promtool not found on PATH nor in {PROM_ROOT}: run tests/e2e/install_prometheus.sh"
-        " to check the alert rules and dashboard queries with Prometheus's own parser !!!"
-    )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(why)
-    pytest.skip(why)
+    """Path of promtool, found as the Prometheus end-to-end harness finds prometheus; skips
+    loudly when it is missing (fails under CI=true)."""
+    return str(require("promtool"))
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
