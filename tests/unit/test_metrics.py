@@ -259,3 +259,15 @@ def test_supervisor_hooks_count_live_workers_and_call_the_others_too() -> None:
         supervisor.reloaded(engine)
         assert value(scrape(), "mtls_milter_config_generation") == generation + 1
     assert seen == [(0,), (0, 101), (1, 102), (0, 101, 9)]
+
+
+def test_a_worker_without_the_parents_metrics_counts_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No private directory per worker (it would outlive the worker): the parent sets up."""
+    monkeypatch.setattr(metrics, "_state", metrics._State())
+    config = config_from_mapping({"metrics": {"listen": "127.0.0.1:9"}, "milter": {"workers": 2}})
+    holder = EngineHolder(Engine.from_config(Config()))
+    assert start_for_daemon(config, holder, serve_http=False, workers=2) is None
+    assert metrics.current() is None
+    assert "the supervisor serves no metrics" in caplog.text

@@ -142,9 +142,11 @@ def start_for_daemon(
     """
     if not config.metrics.listen:
         return None
-    metrics.setup(config, workers)
+    if serve_http:
+        metrics.setup(config, workers)
     m = metrics.current()
-    if m is None:
+    if m is None:  # a worker whose parent set up no metrics (start_for_supervisor)
+        log.warning("[metrics] listen is set, but the supervisor serves no metrics")
         return None
     daemon = DaemonMetrics(m, holder)
     daemon.refresh()
