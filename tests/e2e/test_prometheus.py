@@ -1,7 +1,8 @@
 """Metrics end to end: a real Prometheus scrapes a real ``mtls-milter serve`` every second.
 
-The daemon runs with ``[metrics] listen`` on loopback; messages go through the raw milter client
-with Postfix's macros (a certificate the MTA verified, no TLS, a sender without Client MX). The
+The daemon runs with ``[metrics] listen`` on loopback, on each transport; messages go through
+the raw milter client with Postfix's macros (a certificate the MTA verified, no TLS, a sender
+without Client MX). The
 test then asks Prometheus's HTTP API (``/api/v1/query``) for the counters, which must have moved
 by exactly the messages sent, under the documented labels. Then the trust store file is made
 unreadable and the daemon reloaded: the reload is refused, ``/healthz`` answers 503 with the
@@ -69,8 +70,10 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-@pytest.fixture
-def milter(tmp_path: Path, pki: TestPki) -> Iterator[tuple[MilterDaemon, str, Path]]:
+@pytest.fixture(params=["asyncio", "pymilter"])
+def milter(
+    request: pytest.FixtureRequest, tmp_path: Path, pki: TestPki
+) -> Iterator[tuple[MilterDaemon, str, Path]]:
     require("prometheus")  # before anything starts: skip (or fail under CI) at once
     trust = tmp_path / "trust.pem"
     trust.write_bytes(pki.root_path.read_bytes())
@@ -78,7 +81,7 @@ def milter(tmp_path: Path, pki: TestPki) -> Iterator[tuple[MilterDaemon, str, Pa
     with TestDnsServer() as dns:
         dns.add("sender.test", 265, "10 out.sender.test.")
         config: dict[str, dict[str, Any]] = {
-            "milter": {"authserv_id": "mx.receiver.test", "transport": "asyncio"},
+            "milter": {"authserv_id": "mx.receiver.test", "transport": request.param},
             "dns": {"nameservers": [dns.nameserver], "timeout": 1.0, "budget": 2.0},
             "tls": {"trust": [str(trust)]},
             "metrics": {"listen": listen},

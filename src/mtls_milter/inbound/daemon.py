@@ -56,7 +56,9 @@ from mtls_milter.inbound.daemon_common import (
     drop_privileges,
     start_policy_service,
 )
+from mtls_milter.inbound.metrics_observer import DaemonMetrics, start_for_daemon
 from mtls_milter.inbound.milter import EngineHolder, MtlsMilter
+from mtls_milter.inbound.observer import NULL_OBSERVER
 from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.inbound.session import MilterSession
 from mtls_milter.net.lookup_pool import LookupPool
@@ -125,6 +127,7 @@ class Daemon:
         self._sessions = SessionTable()
         self._fetcher = ChainFetcher()
         self._policy: PolicyServiceThread | None = None
+        self._metrics: DaemonMetrics | None = None  # [metrics] listen set: the session observer
         # Written by the signal handlers (they run in the main thread, between two bytecodes of
         # wait()) and read by wait(); the handled count is wait()'s own, so no request is lost.
         self._hup_requests = 0  # written by the SIGHUP handler only
@@ -160,8 +163,15 @@ class Daemon:
         holder, executor = self._holder, self._executor
         sessions = self._sessions if config.policy_service.socket else None
         fetcher = self._fetcher
+        try:
+            with signals_blocked():  # the endpoint's thread leaves the signals to the main thread
+                self._metrics = start_for_daemon(config, holder, serve_http=True)
+        except OSError as exc:
+            where = f"[metrics] listen {config.metrics.listen}"
+            raise StartupError(f"cannot listen on {where}: {exc}") from None
+        observer = self._metrics or NULL_OBSERVER
         Milter.factory = lambda: MtlsMilter(
-            MilterSession(holder, executor, sessions=sessions, fetcher=fetcher)
+            MilterSession(holder, executor, sessions=sessions, fetcher=fetcher, observer=observer)
         )
         _register_callbacks(config)
         milter.setconn(spec)
@@ -267,6 +277,8 @@ class Daemon:
         self._fetcher.shutdown()
         if self._policy is not None:
             self._policy.stop()
+        if self._metrics is not None:
+            self._metrics.stop()
         log.info("stopped")
         return status
 
