@@ -308,9 +308,9 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      - series: 'mtls_milter_config_last_reload_ok{{job="mtls-milter", instance="mx1:9899"}}'
+      - series: 'mtls_milter_config_last_reload_ok{{job="mtls-milter", instance="mx1:9898"}}'
         values: '1 1 0 0 0 0 0 0 0 0 1'
-      - series: 'up{{job="mtls-milter", instance="mx1:9899"}}'
+      - series: 'up{{job="mtls-milter", instance="mx1:9898"}}'
         values: '1 1 1 0 0 0 0 1'
     alert_rule_test:
       - eval_time: 5m  # refused at 2m: still within for: 5m
@@ -319,9 +319,9 @@ tests:
       - eval_time: 7m
         alertname: MtlsMilterReloadFailed
         exp_alerts:
-          - exp_labels: {{severity: warning, job: mtls-milter, instance: "mx1:9899"}}
+          - exp_labels: {{severity: warning, job: mtls-milter, instance: "mx1:9898"}}
             exp_annotations:
-              summary: "mtls-milter on mx1:9899 refused its last configuration reload"
+              summary: "mtls-milter on mx1:9898 refused its last configuration reload"
               description: "{reload_description}"
       - eval_time: 10m  # a good reload clears it
         alertname: MtlsMilterReloadFailed
@@ -332,16 +332,16 @@ tests:
       - eval_time: 6m
         alertname: MtlsMilterDown
         exp_alerts:
-          - exp_labels: {{severity: critical, job: mtls-milter, instance: "mx1:9899"}}
+          - exp_labels: {{severity: critical, job: mtls-milter, instance: "mx1:9898"}}
             exp_annotations:
-              summary: "mtls-milter on mx1:9899 does not answer scrapes"
+              summary: "mtls-milter on mx1:9898 does not answer scrapes"
               description: "{down_description}"
   - interval: 1m
     input_series:  # 1 message/s, temperror share 0 for 20 minutes, then 30%
-      - series: 'mtls_milter_verdicts_total{{job="mtls-milter", instance="mx1:9899",
+      - series: 'mtls_milter_verdicts_total{{job="mtls-milter", instance="mx1:9898",
           result="pass", reason_class="ok", evidence="chain"}}'
         values: '0+60x20 1260+42x30'
-      - series: 'mtls_milter_verdicts_total{{job="mtls-milter", instance="mx1:9899",
+      - series: 'mtls_milter_verdicts_total{{job="mtls-milter", instance="mx1:9898",
           result="temperror", reason_class="dns", evidence="none"}}'
         values: '0+0x20 0+18x30'
     alert_rule_test:
@@ -351,18 +351,18 @@ tests:
       - eval_time: 40m
         alertname: MtlsMilterTemperrorRatioHigh
         exp_alerts:
-          - exp_labels: {{severity: warning, instance: "mx1:9899"}}
+          - exp_labels: {{severity: warning, instance: "mx1:9898"}}
             exp_annotations:
-              summary: "30% of messages get mtls=temperror on mx1:9899"
+              summary: "30% of messages get mtls=temperror on mx1:9898"
               description: "{temperror_description}"
 """
 
 
 def _annotation(alert: str, key: str) -> str:
-    """An annotation as Prometheus renders it for instance mx1:9899, quoted for the test file
+    """An annotation as Prometheus renders it for instance mx1:9898, quoted for the test file
     (JSON string quoting is valid YAML double-quoted string quoting)."""
     text = next(r for r in alert_rules() if r["alert"] == alert)["annotations"][key]
-    return json.dumps(text.replace("{{ $labels.instance }}", "mx1:9899"))[1:-1]
+    return json.dumps(text.replace("{{ $labels.instance }}", "mx1:9898"))[1:-1]
 
 
 def test_promtool_unit_tests_of_alerts(tmp_path: Path) -> None:
