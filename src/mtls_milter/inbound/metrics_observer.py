@@ -80,6 +80,10 @@ class DaemonMetrics:
             tally.observe(self._evaluation, evaluation_seconds)
             tally.observe(self._message, message_seconds)
 
+    def flush(self) -> None:
+        """Add the pending counts of the message path to the metrics (refresh does this too)."""
+        self._tally.flush()
+
     def watch_connections(self, count: Callable[[], int]) -> None:
         """Where the open-connections gauge reads from (the milter server's count)."""
         self._connections = count
@@ -87,7 +91,7 @@ class DaemonMetrics:
     def refresh(self) -> None:
         """Add the pending counts, bring the gauges up to date, hook a resolver a reload
         brought in."""
-        self._tally.flush()
+        self.flush()
         m, engine = self._m, self._holder.engine
         resolver = engine.resolver
         if isinstance(resolver, DnsResolver):
