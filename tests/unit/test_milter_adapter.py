@@ -1058,6 +1058,30 @@ def test_verdict_line_lists_every_host_compared_with(
     assert line["hosts_count"] == 10
 
 
+def test_log_after_answer_keeps_the_line_until_the_answer_is_written(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The asyncio transport writes the answer first and logs after (decide, act, log); a
+    conversation that ends before the answer went out still gets its line."""
+    session = MilterSession(EngineHolder(make.engine()), make.executor)
+    session.log_after_answer = True
+
+    def message() -> None:
+        session.connect("192.0.2.25", "41000")
+        session.helo("out.sender.test", POSTFIX_TRUSTED)
+        session.mail("<alice@sender.test>", {})
+        assert session.eom({"i": "Q1"}).action == "accept"
+
+    message()
+    assert _verdict_lines(caplog) == []
+    session.answered()
+    session.answered()  # once only
+    assert len(_verdict_lines(caplog)) == 1
+    message()
+    session.close()  # ended before the answer was written
+    assert [line["result"] for line in _verdict_lines(caplog)] == ["pass", "pass"]
+
+
 class RecordingObserver:
     def __init__(self, fail: bool = False) -> None:
         self.seen: list[tuple[Any, ...]] = []

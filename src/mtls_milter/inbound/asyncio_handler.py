@@ -93,6 +93,7 @@ class SessionHandler:
 
     def __init__(self, session: MilterSession, eom_executor: Executor) -> None:
         self.session = session
+        session.log_after_answer = True  # answered() logs once the answer is on its way
         self._eom_executor = eom_executor
         self._actions = ~0  # what the MTA agreed to (Negotiate); modifications beyond are dropped
 
@@ -145,6 +146,10 @@ class SessionHandler:
         elif kind is ev.ConnectionClosed or kind is ev.QuitNewConnection:
             session.close()
         return None
+
+    def answered(self) -> None:
+        """The stream wrote our answers: the verdict line of an end of message now."""
+        self.session.answered()
 
     def _end_chunk(self, event: ev.EndOfMessage) -> None:
         if event.chunk:

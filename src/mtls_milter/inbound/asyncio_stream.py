@@ -49,7 +49,8 @@ class MilterHandler(Protocol):
 
         A handler may also have ``on_event_now(event)``: the same answer without awaiting, or
         :data:`LATER` when this event needs :meth:`on_event` (it runs in the read callback, so
-        it must not block).
+        it must not block); and ``answered()``, called each time answers were written (work
+        that should not delay them, such as a log line, goes there).
         """
         ...
 
@@ -87,6 +88,7 @@ class MilterStream(asyncio.BufferedProtocol):
         self._core: MilterConnection | None = None
         self._handler: MilterHandler | None = None
         self._now: NowHandler | None = None
+        self._answered: Callable[[], None] | None = None  # the handler's "answers written" hook
         self._busy: asyncio.Task[None] | None = None  # an awaited handler call in flight
         self._ended = False
         self._done: asyncio.Future[None] | None = None  # made by shutdown() only
@@ -113,6 +115,7 @@ class MilterStream(asyncio.BufferedProtocol):
         try:
             self._handler = self._server.make_handler(peer)
             self._now = getattr(self._handler, "on_event_now", None)
+            self._answered = getattr(self._handler, "answered", None)
         except Exception:
             log.exception("milter: cannot create a handler for %s", quote(peer))
             self._core.close("no handler")
@@ -230,6 +233,11 @@ class MilterStream(asyncio.BufferedProtocol):
         data = core.data_to_send()
         if data and not transport.is_closing():
             transport.write(data)
+            if self._answered is not None:
+                try:
+                    self._answered()
+                except Exception:
+                    log.exception("milter handler failed after its answers were written")
         if self._paused and core.buffered <= self._pause_above:
             self._paused = False
             transport.resume_reading()

@@ -84,6 +84,8 @@ EOM_MACROS = ("i",)
 
 MacroValues = Mapping[str, str | None]
 Dmarc = DmarcOutcome | None
+# What eom logs and reports: transaction, verdict, action, dry run, DMARC, started, decided.
+_Report = tuple[Transaction, Verdict, str, bool, Dmarc, float, float]
 
 
 @dataclass
@@ -130,6 +132,10 @@ class MilterSession:
         # False when the MTA withholds adding or changing header fields (negotiation): then the
         # results are logged only.
         self.header_actions = True
+        # True: eom keeps its log line until the transport calls answered() once the answer is
+        # written (decide, act, then log: the MTA does not wait for our log write).
+        self.log_after_answer = False
+        self._unlogged: _Report | None = None
 
     @property
     def client_addr(self) -> str:
@@ -237,6 +243,29 @@ class MilterSession:
             outcome = with_headers(outcome, guarded_headers(tx, verdict, dmarc))
         action = combined_action(mtls_action, dmarc) if not dry_run else mtls_action
         finished = time.monotonic()
+        report = (tx, verdict, action, dry_run, dmarc, started, finished)
+        if self.log_after_answer:
+            self._unlogged = report
+        else:
+            self._report(*report)
+        return outcome
+
+    def answered(self) -> None:
+        """The transport has written the answer: now log the verdict (``log_after_answer``)."""
+        report, self._unlogged = self._unlogged, None
+        if report is not None:
+            self._report(*report)
+
+    def _report(
+        self,
+        tx: Transaction,
+        verdict: Verdict,
+        action: str,
+        dry_run: bool,
+        dmarc: Dmarc,
+        started: float,
+        finished: float,
+    ) -> None:
         side_effect("logging the verdict", self._log, tx, verdict, action, dry_run, dmarc, finished)
         side_effect(
             "reporting the verdict",
@@ -247,7 +276,6 @@ class MilterSession:
             finished - started,
             finished - tx.started,
         )
-        return outcome
 
     def _verdict(self, tx: Transaction) -> Verdict:
         """The verdict, reused when the same inputs were judged before (inbound/verdict_memo.py)."""
@@ -296,6 +324,7 @@ class MilterSession:
     @guarded(CONTINUE)
     def close(self) -> Outcome:
         self._tx = None
+        self.answered()  # a conversation that ended before the answer went out: log it now
         return CONTINUE
 
     def _start_prefetch(self, engine: Engine, tx: Transaction) -> Future[HostLookup] | None:
