@@ -9,8 +9,10 @@ from typing import Any
 import authres
 import pytest
 
+from mtls_milter.core import header as header_module
 from mtls_milter.core.header import (
     HEADER_NAME,
+    MAX_PARSED_FIELDS,
     MtlsField,
     fields_to_delete,
     render_field,
@@ -428,3 +430,25 @@ def test_fields_to_delete_huge_values_fast() -> None:
     start = time.perf_counter()
     assert fields_to_delete(values, ID) == [1]
     assert time.perf_counter() - start < 2
+
+
+def test_fields_claiming_our_id_are_parsed_a_bounded_number_of_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_PARSED_FIELDS fields claiming our id, the rest are judged by ``method=``
+    without authres: a message with thousands of them costs no more parses."""
+    parses = 0
+    real = header_module._carries_ours
+
+    def counting(value: str, methods: frozenset[str]) -> bool:
+        nonlocal parses
+        parses += 1
+        return real(value, methods)
+
+    monkeypatch.setattr(header_module, "_carries_ours", counting)
+    forged = f"{ID}; mtls=pass smtp.mailfrom=a.example"
+    theirs = f"{ID}; spf=pass smtp.mailfrom=a.example"  # another filter on this host
+    values = [forged, theirs] * 1000
+    result = fields_to_delete(values, ID)
+    assert parses == MAX_PARSED_FIELDS
+    assert result == [i for i in range(2000, 0, -1) if i % 2 == 1]  # every forged one, no other

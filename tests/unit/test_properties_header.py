@@ -16,6 +16,7 @@ import authres
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from mtls_milter.core import header as header_module
 from mtls_milter.core.header import (
     COMMENT_TOTAL_MAX_LEN,
     PTYPE_PROPERTIES,
@@ -223,3 +224,20 @@ def test_our_own_rendered_field_is_deleted_by_the_next_hop_with_our_id(
     )
     for value in (render_value(mine), render_folded(mine).replace("\n", "\r\n")):
         assert fields_to_delete([value], authserv_id) == [1]
+
+
+@SETTINGS
+@given(
+    host_id,
+    st.sampled_from(["", " ", "(c) ", "\t(nested (c)) "]),
+    st.sampled_from(["", "/job7", ";", "; mtls=pass", " (x); spf=fail"]),
+    hostile,
+    st.booleans(),
+)
+def test_the_cheap_precheck_never_skips_a_field_claiming_our_id(
+    our_id: str, before: str, after: str, rest: str, upper: bool
+) -> None:
+    claimed = our_id.upper() if upper else our_id
+    for value in (before + claimed + after + rest, rest):
+        if header_module._claimed_authserv_id(value) == our_id:
+            assert header_module._may_claim(value, our_id)
