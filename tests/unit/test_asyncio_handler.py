@@ -353,3 +353,16 @@ def test_internal_network_skipped_at_connect_is_accepted_at_the_end_without_a_fi
     assert protocol & P_NR_CONN
     assert result.final.command == b"a"
     assert result.actions == []
+
+
+def test_a_tcp_listener_never_asks_for_no_reply_even_when_the_options_do(
+    tmp_path: Path, zone: TestDnsServer, pki: TestPki, pools: Any
+) -> None:
+    """The configuration says unix (a reload that changed the socket, which only a restart
+    applies) while the server listens on TCP: the server drops the no-reply steps."""
+    eng = _engine_on(f"unix:{tmp_path / 'later.sock'}", zone, pki)
+    assert options_for(eng.config).protocol & NO_REPLY_FLAGS
+    server, _ = _serving("inet:0@127.0.0.1", eng, pools)
+    protocol, result = _run_client(server, None)
+    assert protocol & NO_REPLY_FLAGS == 0
+    assert result.final.command == b"a"

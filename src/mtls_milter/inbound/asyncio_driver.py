@@ -26,6 +26,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from mtls_milter.runtime.stream_service import (
 
 from .asyncio_stream import MilterHandler, MilterStream
 from .negotiation import MilterOptions
+from .wire import NO_REPLY_FLAGS
 
 log = logging.getLogger("mtls_milter")
 
@@ -89,6 +91,8 @@ class MilterServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
+        self._tcp = False  # set by start()
+        self._tcp_options: tuple[MilterOptions | None, MilterOptions] = (None, MilterOptions())
 
     @property
     def connections(self) -> int:
@@ -96,8 +100,16 @@ class MilterServer:
         return len(self._streams)
 
     def options(self) -> MilterOptions:
-        """The options for a new connection (a callable is asked each time, e.g. after reload)."""
-        return self._options if isinstance(self._options, MilterOptions) else self._options()
+        """The options for a new connection (a callable is asked each time, e.g. after reload);
+        over TCP without "no reply" steps, whatever was asked: the MTA's next small write would
+        wait under Nagle for our delayed ACK (docs/performance.md)."""
+        options = self._options if isinstance(self._options, MilterOptions) else self._options()
+        if self._tcp and options.protocol & NO_REPLY_FLAGS:
+            if self._tcp_options[0] is not options:
+                answered = replace(options, protocol=options.protocol & ~NO_REPLY_FLAGS)
+                self._tcp_options = (options, answered)
+            return self._tcp_options[1]
+        return options
 
     def make_handler(self, peer: str) -> MilterHandler:
         return self.factory(peer)
@@ -107,6 +119,7 @@ class MilterServer:
         OSError/ValueError if impossible."""
         loop = asyncio.get_running_loop()
         kind, where, host = parse_listen_spec(self.spec)
+        self._tcp = kind != "unix"
         if self._listeners is not None:
             self._sockets = list(self._listeners)
             if kind != "unix":
