@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from support.ports import free_port
 
 from mtls_milter.config import ConfigError, config_from_mapping
 from mtls_milter.runtime import metrics, metrics_http
@@ -159,3 +163,41 @@ def test_metric_names_are_the_documented_ones() -> None:
         "mtls_milter_build_info",
     } <= names
     assert len(names) == 20
+
+
+def test_ipv6_listen_address() -> None:
+    try:
+        socket.socket(socket.AF_INET6).close()
+        server = MetricsServer("[::1]:0", metrics.render, lambda: (True, "")).start()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        with socket.create_connection(("::1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("transport", ["asyncio", "pymilter"])
+def test_serve_refuses_to_start_when_the_metrics_address_is_taken(
+    tmp_path: Path, transport: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f'[milter]\nsocket = "inet:{free_port()}@127.0.0.1"\ntransport = "{transport}"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "mtls_milter", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on [metrics] listen 127.0.0.1:{port}: " in done.stderr
+    assert "Address already in use" in done.stderr
