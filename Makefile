@@ -28,6 +28,7 @@ lint: setup
 	$(BIN)/mypy
 
 bench: setup test-packages
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/run_all.py
 
 # The Debian package (packaging/build-deb.sh: a venv in /opt/mtls-milter, units, man pages,
@@ -55,8 +56,10 @@ system-packages:
 # Postfix is installed only on a host without any MTA (an installed Postfix is used as it is;
 # beside another MTA the Postfix tests skip); Sendmail is only ever unpacked into a directory.
 # Never starts system daemons; `sh tests/e2e/install_mtas.sh --plan` shows the decision.
+# Prometheus (the metrics tests' scraper, and promtool) is only unpacked into its own directory.
 test-packages:
 	$(SUDO) sh tests/e2e/install_mtas.sh
+	$(SUDO) sh tests/e2e/install_prometheus.sh
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'

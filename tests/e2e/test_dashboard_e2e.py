@@ -104,8 +104,7 @@ def shown_values(series: list[dict[str, Any]]) -> list[float]:
     return [v for v in values if not math.isnan(v)]
 
 
-# With [milter] workers = 2 the supervisor does not serve /metrics yet; add 2 here once it does.
-@pytest.fixture(params=[1], ids=["one-process"])
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
 def milter(
     tmp_path: Path, pki: TestPki, request: pytest.FixtureRequest
 ) -> Iterator[tuple[MilterDaemon, str]]:

@@ -14,6 +14,9 @@ installed or started as a service); without it the test skips, under CI it fails
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -129,3 +132,49 @@ def test_prometheus_sees_exactly_the_messages_sent_and_the_failed_reload(
         ok = "mtls_milter_config_last_reload_ok"
         assert prometheus.wait_for_value(ok, 0) == 0
         assert "mtls=pass" in send(daemon, *SENT[0][:2])  # still judging with the old store
+
+
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes (the supervisor's workers)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return sorted(int(p) for p in path.read_text().split())
+
+
+def test_with_workers_the_parent_serves_the_sum_and_a_killed_worker_keeps_its_counts(
+    tmp_path: Path, pki: TestPki
+) -> None:
+    require("prometheus")
+    listen = f"127.0.0.1:{free_port()}"
+    with TestDnsServer() as dns:
+        dns.add("sender.test", 265, "10 out.sender.test.")
+        config: dict[str, dict[str, Any]] = {
+            "milter": {"authserv_id": "mx.receiver.test", "workers": 2},
+            "dns": {"nameservers": [dns.nameserver], "timeout": 1.0, "budget": 2.0},
+            "tls": {"trust": [str(pki.root_path)]},
+            "metrics": {"listen": listen},
+        }
+        with (
+            MilterDaemon(tmp_path / "milter", config) as daemon,
+            PrometheusServer(tmp_path / "prometheus", [listen]) as prometheus,
+        ):
+            assert prometheus.wait_for_value("mtls_milter_workers", 2) == 2
+            for number in range(8):
+                sender, tls, _ = SENT[number % 2 * 3]  # pass, no TLS, pass, ...
+                send(daemon, sender, tls)
+            total = "sum(mtls_milter_verdicts_total)"
+            assert prometheus.wait_for_value(total, 8) == 8  # every worker flushes each second
+            pid = daemon.pid
+            assert pid is not None
+            victim = children(pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while victim in children(pid) or len(children(pid)) < 2:
+                assert time.monotonic() < deadline, daemon.log_tail()
+                time.sleep(0.1)
+            send(daemon, *SENT[0][:2])
+            assert prometheus.wait_for_value(total, 9) == 9  # what the killed worker counted stays
+            assert prometheus.wait_for_value("mtls_milter_workers", 2) == 2
+            assert prometheus.value('mtls_milter_verdicts_total{result="pass"}') == 5
+            assert get(f"http://{listen}/healthz") == (200, "ok\n")
+            assert prometheus.value("mtls_milter_config_last_reload_ok") == 1
+            assert prometheus.value("mtls_milter_trust_anchors") == 1

@@ -31,8 +31,10 @@ from mtls_milter.inbound.daemon_common import (
     start_policy_service,
     warn_restart_only,
 )
+from mtls_milter.inbound.metrics_observer import SupervisorMetrics, start_for_supervisor
 from mtls_milter.inbound.policy_service import SessionTable
 from mtls_milter.inbound.shared_sessions import answer_lookup
+from mtls_milter.runtime import metrics
 from mtls_milter.runtime.prefork import Supervisor, SupervisorHooks
 from mtls_milter.runtime.stream_service import (
     parse_listen_spec,
@@ -49,26 +51,33 @@ def serve(config_path: str | None, engine: Engine, hooks: SupervisorHooks | None
     config = engine.config
     listeners = open_listeners(config)
     sessions = SessionTable()
+    observed: SupervisorMetrics | None = None
     try:
+        observed = start_for_supervisor(config, engine)  # before forking: multiprocess metrics
         policy = start_policy_service(config, sessions)
     except StartupError:
+        if observed is not None:
+            observed.stop()
         _close(listeners)
         raise
     try:
         drop_privileges(config, config.milter.socket)
-        parent = _Parent(config_path, engine, listeners)
+        parent = _Parent(config_path, engine, listeners, observed)
         supervisor = Supervisor(
             config.milter.workers,
             parent.worker_main,
             answer=lambda request: answer_lookup(sessions, request),
             reload=parent.reload,
             on_ready=parent.on_ready,
-            hooks=hooks,
+            close_in_child=observed.close_in_child if observed is not None else lambda: None,
+            hooks=observed.hooks(hooks) if observed is not None else hooks,
         )
         status = supervisor.run()
     finally:
         if policy is not None:
             policy.stop()
+        if observed is not None:
+            observed.stop()
         _close(listeners)
     log.info("stopped")
     return status
@@ -95,8 +104,15 @@ def _close(listeners: list[socket.socket]) -> None:
 class _Parent:
     """What the supervisor asks of the milter: a worker's life, a reload check, the start line."""
 
-    def __init__(self, config_path: str | None, engine: Engine, listeners: list[socket.socket]):
+    def __init__(
+        self,
+        config_path: str | None,
+        engine: Engine,
+        listeners: list[socket.socket],
+        observed: SupervisorMetrics | None = None,
+    ):
         self.config_path = config_path
+        self.observed = observed  # [metrics] listen: the parent's metrics
         self.config = engine.config  # what a worker started now runs with
         self.trust = "; ".join(engine.trust_sources)
         self.listeners = listeners
@@ -117,11 +133,14 @@ class _Parent:
             engine = build_engine(self.config_path)
         except StartupError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            metrics.reload_failed(str(exc))  # /healthz says why (docs/observability.md)
             return None
         warn_restart_only(self.config, engine.config)
         changed = config_changes(self.config, engine.config)
         self.config = engine.config
         self.trust = "; ".join(engine.trust_sources)
+        if self.observed is not None:
+            self.observed.reloaded(engine)
         return f"changed={changed} config={engine.config.source} signal={trigger}"
 
     def on_ready(self, pids: list[int]) -> None:
