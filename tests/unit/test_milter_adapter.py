@@ -14,6 +14,7 @@ recorded. :class:`Conversation` plays the MTA, calling the same entry points lib
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -873,6 +874,29 @@ def test_internal_error_in_the_engine(
     assert "injected failure" in str(errors[0].exc_info[1])
     line = _one_verdict(caplog)
     assert (line["result"], line["reason"]) == ("temperror", "internal error")
+
+
+def test_a_client_mx_lookup_that_raised_is_an_internal_error_not_a_lost_header(
+    make: Factory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup finished (with an exception) before end of message: still one temperror
+    verdict with our header, as when it is still running."""
+    conv = make.started(helo_macros=POSTFIX_TRUSTED)
+
+    def broken(domain: str, budget: float) -> None:
+        raise RuntimeError("injected lookup failure")
+
+    resolver = conv.milter.session._holder.engine.resolver
+    monkeypatch.setattr(resolver, "cached_client_mx", lambda domain: None)
+    monkeypatch.setattr(resolver, "client_mx", broken)
+    assert conv.mail("<alice@sender.test>", {}) == CONTINUE
+    prefetch = conv.milter.session._tx.prefetch if conv.milter.session._tx else None
+    assert prefetch is not None
+    with contextlib.suppress(RuntimeError):
+        prefetch.result(timeout=5)  # settled before end of message
+    assert conv.eom() == ACCEPT
+    assert "mtls=temperror" in conv.header_value()
+    assert _one_verdict(caplog)["result"] == "temperror"
 
 
 def test_failing_header_action_still_logs_and_refuses(

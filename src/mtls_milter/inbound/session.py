@@ -283,8 +283,11 @@ class MilterSession:
         if config.policy.server_mx_fallback or tx.chain_fetch is not None:
             return verdict_for(tx, self._sessions, self._fetcher)
         prefetch = tx.prefetch
-        held = prefetch.result() if prefetch is not None and prefetch.done() else None
-        if not reusable_answer(held) or prefetch is None or prefetch.exception() is not None:
+        settled = prefetch is not None and prefetch.done() and not prefetch.cancelled()
+        if prefetch is None or not settled or prefetch.exception() is not None:
+            return verdict_for(tx, self._sessions, self._fetcher)  # it reports a failed lookup
+        held = prefetch.result()
+        if not reusable_answer(held):
             return verdict_for(tx, self._sessions, self._fetcher)
         session = tls_session(tx, self._sessions)
         chain_possible = self._fetcher is not None and config.chain_fetch.enabled

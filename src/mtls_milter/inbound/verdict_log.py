@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from mtls_milter.core.evaluate import Verdict
+from mtls_milter.core.lookups import HostLookup
 from mtls_milter.core.quote import clip
 from mtls_milter.inbound.session_evidence import Transaction
 
@@ -58,7 +60,7 @@ def log_fields(
 ) -> dict[str, object]:
     """The verdict line: what was decided, from what, and how long each part took."""
     hosts = [clip(h) for h in verdict.hosts[:MAX_LOGGED_HOSTS]]
-    held = tx.prefetch.result() if tx.prefetch is not None and tx.prefetch.done() else None
+    held = _answer(tx.prefetch)
     ttl = getattr(held, "ttl", None)
     return {
         "queue_id": clip(tx.macros.get("i") or ""),
@@ -80,6 +82,15 @@ def log_fields(
         "elapsed_ms": round((decided - tx.started) * 1000, 2),
         "timings_ms": _timings_ms(tx, clock, decided),
     }
+
+
+def _answer(prefetch: Future[HostLookup] | None) -> HostLookup | None:
+    """The Client MX answer if the lookup finished with one (not failed, not cancelled)."""
+    if prefetch is None or not prefetch.done() or prefetch.cancelled():
+        return None
+    if prefetch.exception() is not None:
+        return None
+    return prefetch.result()
 
 
 def _fingerprint_source(tx: Transaction) -> str:
