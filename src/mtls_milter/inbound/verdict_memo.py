@@ -27,24 +27,22 @@ class Memo(Generic[_V]):
     """A bounded table of computed values, tied to one owner (the engine)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._owner: object = None
-        self._table: dict[Hashable, _V] = {}
+        # The owner and its table as one value, swapped whole: a thread still judging for the
+        # previous engine can only write into that engine's table, never into the new one.
+        self._state: tuple[object, dict[Hashable, _V]] = (None, {})
         self._max = max_entries
 
     def get(self, owner: object, key: Hashable) -> _V | None:
         """The value kept for ``key`` under ``owner``, or None."""
-        if owner is not self._owner:
-            return None
-        return self._table.get(key)
+        current, table = self._state
+        return table.get(key) if current is owner else None
 
     def put(self, owner: object, key: Hashable, value: _V) -> None:
         """Keep ``value``; a new owner (a reload's engine) starts an empty table."""
-        if owner is not self._owner:
-            self._table = {}
-            self._owner = owner
-        table = self._table
-        if len(table) >= self._max:
-            table.clear()
+        current, table = self._state
+        if current is not owner or len(table) >= self._max:
+            table = {}
+            self._state = (owner, table)
         table[key] = value
 
 
