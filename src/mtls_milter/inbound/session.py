@@ -62,7 +62,7 @@ from mtls_milter.inbound.session_evidence import (
     verdict_for,
 )
 from mtls_milter.inbound.verdict_log import JsonText, MessageClock, log_fields
-from mtls_milter.inbound.verdict_memo import VERDICTS, reusable_answer
+from mtls_milter.inbound.verdict_memo import VERDICTS, reusable_answer, settled_future
 
 log = logging.getLogger("mtls_milter")
 
@@ -340,9 +340,7 @@ class MilterSession:
             return None
         cached = engine.resolver.cached_client_mx(tx.domain)
         if cached is not None:
-            done: Future[HostLookup] = Future()
-            done.set_result(cached)
-            return done
+            return settled_future(cached)
         budget = engine.config.dns.budget
         future = self._executor.submit(engine.resolver.client_mx, tx.domain, budget)
         future.add_done_callback(self._clock.dns_finished)

@@ -14,6 +14,7 @@ rather than aged, which costs one recomputation per key.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from concurrent.futures import Future
 from typing import Generic, TypeVar
 
 from mtls_milter.core.evaluate import Verdict
@@ -53,3 +54,20 @@ HEADER_VALUES: Memo[str] = Memo()
 def reusable_answer(held: HostLookup | None) -> bool:
     """Whether a verdict resting on this Client MX answer may be reused: a found record set."""
     return held is not None and held.status is LookupStatus.OK
+
+
+_SETTLED: dict[HostLookup, Future[HostLookup]] = {}
+
+
+def settled_future(answer: HostLookup) -> Future[HostLookup]:
+    """A finished future holding a cached Client MX ``answer``, shared by every message that
+    gets the same answer (a finished future is read-only: nothing waits on it or changes it),
+    instead of a new one per message."""
+    done = _SETTLED.get(answer)
+    if done is None:
+        done = Future()
+        done.set_result(answer)
+        if len(_SETTLED) >= MAX_ENTRIES:
+            _SETTLED.clear()
+        _SETTLED[answer] = done
+    return done
