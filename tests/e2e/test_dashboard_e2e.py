@@ -27,7 +27,7 @@ import pytest
 import yaml
 from support.daemon import MilterDaemon
 from support.dnsserver import TestDnsServer
-from support.milter_client import MilterClient
+from support.milter_client import full_conversation
 from support.pki import TestPki
 from support.ports import free_port
 from support.prometheus import PrometheusServer, require
@@ -74,22 +74,15 @@ MUST_SHOW = {
 
 def send(daemon: MilterDaemon, sender: str, tls: dict[str, str]) -> str:
     """One message as Postfix sends it; the final reply command (a accept, y reply code)."""
-    with MilterClient.connect(("127.0.0.1", daemon.port)) as client:
-        client.optneg()
-        client.macro(b"C", {"j": "mx.receiver.test", "{daemon_name}": "smtpd"})
-        client.connect_info()
-        client.macro(b"H", tls)
-        client.helo("out.sender.test")
-        client.macro(b"M", {"i": "4AB12C", "{mail_addr}": sender})
-        client.mail(f"<{sender}>")
-        client.rcpt("<someone@receiver.test>")
-        client.data()
-        client.header("Subject", "dashboard")
-        client.eoh()
-        client.body(b"hello\r\n")
-        final = client.eom().final.command.decode()
-        client.quit()
-    return final
+    result = full_conversation(
+        ("127.0.0.1", daemon.port),
+        sender=f"<{sender}>",
+        headers=(("Subject", "dashboard"),),
+        tls=tls,
+        helo="out.sender.test",
+        j="mx.receiver.test",
+    )
+    return result.final.command.decode()
 
 
 def grafana_query(expr: str) -> str:

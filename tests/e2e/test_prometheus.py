@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from support.daemon import MilterDaemon
 from support.dnsserver import TestDnsServer
-from support.milter_client import MilterClient
+from support.milter_client import full_conversation
 from support.pki import TestPki
 from support.ports import free_port
 from support.prometheus import PrometheusServer, require
@@ -46,21 +46,14 @@ SENT = [  # (MAIL FROM, TLS macros, expected verdict labels)
 
 def send(daemon: MilterDaemon, sender: str, tls: dict[str, str]) -> str:
     """One message as Postfix sends it; the Authentication-Results value the milter adds."""
-    with MilterClient.connect(("127.0.0.1", daemon.port)) as client:
-        client.optneg()
-        client.macro(b"C", {"j": "mx.receiver.test", "{daemon_name}": "smtpd"})
-        client.connect_info()
-        client.macro(b"H", tls)
-        client.helo("out.sender.test")
-        client.macro(b"M", {"i": "4AB12C", "{mail_addr}": sender})
-        client.mail(f"<{sender}>")
-        client.rcpt("<someone@receiver.test>")
-        client.data()
-        client.header("Subject", "metrics")
-        client.eoh()
-        client.body(b"hello\r\n")
-        result = client.eom()
-        client.quit()
+    result = full_conversation(
+        ("127.0.0.1", daemon.port),
+        sender=f"<{sender}>",
+        headers=(("Subject", "metrics"),),
+        tls=tls,
+        helo="out.sender.test",
+        j="mx.receiver.test",
+    )
     (value,) = result.header_values("Authentication-Results")
     return value
 

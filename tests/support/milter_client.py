@@ -313,15 +313,19 @@ def full_conversation(
     *,
     sender: str = "<alice@example.org>",
     headers: Sequence[tuple[str, str]] = (("Subject", "hello"),),
+    tls: Mapping[str, str] | None = None,
+    helo: str = "client.example",
+    j: str = "mx.example",
     timeout: float = 10.0,
 ) -> EomResult:
-    """One normal message from connect to QUIT, as Postfix would send it; the EOM result."""
+    """One normal message from connect to QUIT, as Postfix would send it; the EOM result.
+    ``tls``: the TLS macros sent at HELO (default: a session without TLS)."""
     with MilterClient.connect(address, timeout) as client:
         client.optneg()
-        client.macro(b"C", {"j": "mx.example", "{daemon_name}": "smtpd"})
+        client.macro(b"C", {"j": j, "{daemon_name}": "smtpd"})
         client.connect_info()
-        client.macro(b"H", {"{tls_version}": ""})
-        client.helo("client.example")
+        client.macro(b"H", {"{tls_version}": ""} if tls is None else tls)
+        client.helo(helo)
         client.macro(b"M", {"i": "4AB12C", "{mail_addr}": sender.strip("<>")})
         client.mail(sender)
         client.rcpt("<bob@example.net>")
