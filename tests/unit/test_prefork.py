@@ -329,5 +329,16 @@ def test_serve_refuses_workers_on_the_pymilter_transport(tmp_path: Path) -> None
         timeout=30,
     )
     assert done.returncode == 1
-    assert 'cannot start: [milter] workers = 2 needs transport = "asyncio"' in done.stderr
+    assert f'cannot start: {config}: [milter] workers = 2 needs transport = "asyncio"' in (
+        done.stderr
+    )
     assert "libmilter" in done.stderr
+    # config-test finds the same problem before a restart does.
+    checked = subprocess.run(
+        [sys.executable, "-m", "mtls_milter", "config-test", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 1
+    assert '[milter] workers = 2 needs transport = "asyncio"' in checked.stdout + checked.stderr

@@ -317,6 +317,13 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError(f'{config.source}: [dmarc] "trusted-results" needs trusted_authserv_ids')
     if not config.tls.trust:
         raise ConfigError(f'{config.source}: [tls] trust is empty; use ["system"] or PEM paths')
+    milter = config.milter
+    if milter.workers > 1 and milter.transport is not MilterTransport.ASYNCIO:
+        raise ConfigError(
+            f'{config.source}: [milter] workers = {milter.workers} needs transport = "asyncio": '
+            "libmilter (pymilter) opens its own socket and runs its own threads, so its "
+            "process cannot be forked into workers (docs/operations.md, Workers)"
+        )
 
 
 def known_keys() -> dict[str, tuple[str, ...]]:

@@ -103,12 +103,6 @@ def run(args: argparse.Namespace) -> int:
             if milter_config.workers > 1:
                 return workers.serve(args.config, engine)
             return asyncio_daemon.serve(args.config, engine)
-        if milter_config.workers > 1:
-            raise StartupError(
-                f'[milter] workers = {milter_config.workers} needs transport = "asyncio": '
-                "libmilter (pymilter) opens its own socket and runs its own threads, so its "
-                "process cannot be forked into workers (docs/operations.md, Workers)"
-            )
         daemon = Daemon.start(args.config, engine)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
