@@ -307,6 +307,21 @@ def test_beyond_the_ceiling_calls_wait_for_a_thread_and_errors_reach_the_caller(
         pool.submit(lambda: 1)
 
 
+def test_after_a_flood_at_the_ceiling_and_idle_exit_every_call_still_runs() -> None:
+    # Calls queued at the ceiling once left the pool counting more idle threads than it had;
+    # after the threads timed out, that many later calls waited forever with no thread.
+    pool = LookupPool(max_threads=1, idle_seconds=0.1)
+    release = threading.Event()
+    flood = [pool.submit(release.wait, 5)] + [pool.submit(lambda i=i: i) for i in range(3)]
+    release.set()
+    assert [f.result(timeout=5) for f in flood] == [True, 0, 1, 2]
+    wait_for(lambda: pool.threads == 0)
+    for i in range(4):  # one at a time, as a quiet server sees them
+        assert pool.submit(lambda i=i: i).result(timeout=2) == i
+    pool.shutdown(wait=True)
+    assert pool.threads == 0
+
+
 def test_shutdown_can_cancel_calls_still_waiting_for_a_thread() -> None:
     pool = LookupPool(max_threads=1)
     release = threading.Event()

@@ -142,9 +142,10 @@ class LookupPool(Executor):
         idle tokens and a lock one of them held do not exist there)."""
         self._pid = os.getpid()
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)  # one token per idle thread
-        self._lock = threading.Lock()
-        self._threads = 0
+        self._lock = threading.Lock()  # guards the three counts below
+        self._threads = 0  # threads alive
+        self._idle = 0  # threads waiting for work that no queued work is promised to yet
+        self._backlog = 0  # queued work no thread is promised to (submitted at the ceiling)
 
     @property
     def threads(self) -> int:
@@ -160,9 +161,11 @@ class LookupPool(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
             self._work.put(_Work(future, fn, args, kwargs))
-            if self._idle.acquire(blocking=False):
+            if self._idle:
+                self._idle -= 1
                 return future  # an idle thread takes it
             if self._threads >= self._max_threads:
+                self._backlog += 1
                 return future  # at the ceiling: the next thread to finish takes it
             self._threads += 1
             self._started += 1
@@ -191,18 +194,31 @@ class LookupPool(Executor):
                 time.sleep(0.01)
 
     def _worker(self) -> None:
+        """Run work until idle for ``idle_seconds`` (or told to stop by shutdown).
+
+        Every queued item is promised to exactly one thread: an idle one (its idle count
+        taken by the submitter), a new one, or, at the ceiling, the next one to finish (the
+        backlog). A thread that finishes work first serves the backlog, and only otherwise
+        counts itself idle, so the idle count never exceeds the threads really waiting.
+        """
         while True:
             try:
                 item = self._work.get(timeout=self._idle_seconds)
             except queue.Empty:
-                # Leave unless a submitter just took our idle token (its work is on the way).
-                if self._idle.acquire(blocking=False):
-                    break
-                continue
+                with self._lock:
+                    if self._idle:  # nobody has promised us work: leave
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue  # a submitter just took our idle count: its work is on the way
             if item is None:
                 break
             item.run()
             del item  # drop the finished work's references before idling
-            self._idle.release()
+            with self._lock:
+                if self._backlog:
+                    self._backlog -= 1  # the queue holds work waiting for a thread: take it
+                else:
+                    self._idle += 1
         with self._lock:
             self._threads -= 1
