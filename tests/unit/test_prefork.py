@@ -1,6 +1,7 @@
 """Pre-forked workers without an MTA: restart backoff, ``[milter] workers``, the policy lookup
-channel (failures read as "no record"), the supervisor's life cycle in a subprocess, and the
-refusal of workers on the pymilter transport. With real Postfix: tests/e2e/test_workers.py."""
+channel (a failure is "unavailable", never "no record"), the supervisor's life cycle in a
+subprocess, and the refusal of workers on the pymilter transport. With real Postfix:
+tests/e2e/test_workers.py."""
 
 from __future__ import annotations
 
@@ -16,21 +17,26 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.dnsserver import TestDnsServer
+from support.pki import TestPki
 
 from mtls_milter import __version__
 from mtls_milter.config import Config, ConfigError, config_from_mapping
+from mtls_milter.engine import Engine
 from mtls_milter.inbound.daemon_common import (
     config_changes,
     config_summary,
     warn_restart_only,
 )
-from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
+from mtls_milter.inbound.policy_service import PolicyFacts, PolicyTableUnavailable, SessionTable
+from mtls_milter.inbound.session import EngineHolder, MilterSession
 from mtls_milter.inbound.shared_sessions import RemoteSessionTable, answer_lookup, decode_facts
 from mtls_milter.runtime.prefork import RestartBackoff, describe_status
 from mtls_milter.runtime.worker_link import ID, MAX_MESSAGE, WorkerLink
@@ -175,7 +181,7 @@ def test_a_record_older_than_the_workers_session_is_not_its_own(table: SessionTa
     "parent",
     ["silent", "gone", "garbage", "wrong-shape"],
 )
-def test_a_failed_lookup_reads_as_no_record_and_is_logged_once(
+def test_a_failed_lookup_is_unavailable_not_no_record_and_is_logged_once(
     parent: str, table: SessionTable, caplog: pytest.LogCaptureFixture
 ) -> None:
     if parent == "gone":
@@ -187,20 +193,77 @@ def test_a_failed_lookup_reads_as_no_record_and_is_logged_once(
     remote = RemoteSessionTable(link, timeout=0.05)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, "mtls_milter.policy_service"):
-        assert remote.get("192.0.2.7", "40000") is None
-        assert remote.get("192.0.2.7", "40000") is None
+        for _ in range(2):
+            with pytest.raises(PolicyTableUnavailable):
+                remote.get("192.0.2.7", "40000")
     assert time.monotonic() - started < 1.0
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "reading it as no record" in lines[0], lines
+    assert len(lines) == 1 and lines[0].endswith("; policy table unavailable"), lines
+
+
+def test_a_lookup_waiting_behind_a_stuck_one_gives_up_within_its_timeout(
+    table: SessionTable,
+) -> None:
+    """The parent is stuck (it does not answer): a second thread's lookup, which waits for the
+    first one's turn on the channel, still returns within its own timeout in all."""
+    link = Parent(table, answer=False).link
+    stuck = threading.Thread(target=link.request, args=(b"[]", 2.0))
+    stuck.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert link.request(b"[]", 0.1) is None
+    assert time.monotonic() - started < 0.5
+    stuck.join()
 
 
 def test_a_late_reply_is_not_taken_for_the_next_requests(table: SessionTable) -> None:
     parent = Parent(table, answer=False)
     remote = RemoteSessionTable(parent.link, timeout=0.05)
-    assert remote.get("192.0.2.7", "40000") is None  # timed out; its answer comes late:
+    with pytest.raises(PolicyTableUnavailable):  # timed out; its answer comes late:
+        remote.get("192.0.2.7", "40000")
     parent.sock.send(ID.pack(1) + json.dumps(asdict(FACTS)).encode())
     parent.answer = True
     assert remote.get("192.0.2.7", "40001") is None  # the late answer was skipped
+
+
+TLS_WITHOUT_TRUST = {"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384"}
+TRUSTED = {**TLS_WITHOUT_TRUST, "{cert_subject}": "out.sender.test", "{cert_issuer}": "CA"}
+
+
+def _header_after_lookup(
+    zone: TestDnsServer, pki: TestPki, table: SessionTable, macros: dict[str, str], answer: bool
+) -> str:
+    """One message through a worker's session whose parent answers policy lookups or not."""
+    raw = {
+        "milter": {"authserv_id": "mx.receiver.test"},
+        "dns": {"nameservers": [zone.nameserver], "timeout": 1.0, "budget": 2.0},
+        "tls": {"trust": [str(pki.root_path)]},
+        "policy_service": {"socket": "inet:10040@127.0.0.1"},
+    }
+    holder = EngineHolder(Engine.from_config(config_from_mapping(raw)))
+    remote = RemoteSessionTable(Parent(table, answer=answer).link, timeout=0.05)
+    with ThreadPoolExecutor(2) as pool:
+        session = MilterSession(holder, pool, sessions=remote)
+        session.connect("192.0.2.7", "40000")
+        session.helo("out.sender.test", macros)
+        session.mail("<a@sender.test>", {})
+        session.data()
+        outcome = session.eom({"i": "Q1"})
+    return outcome.headers[-1].value.replace("\n\t", " ")
+
+
+def test_a_policy_table_that_cannot_be_asked_gives_temperror_not_fail(
+    dns_server: TestDnsServer, pki: TestPki
+) -> None:
+    """An untrusted certificate: the verdict needs the fingerprint from the policy table. The
+    table answering "no record" gives fail; the table not answering is an internal failure,
+    temperror, never fail. A pass that needs no fingerprint stays a pass."""
+    dns_server.add("sender.test", 265, "10 out.sender.test.")
+    empty = SessionTable()
+    assert "mtls=fail" in _header_after_lookup(dns_server, pki, empty, TLS_WITHOUT_TRUST, True)
+    header = _header_after_lookup(dns_server, pki, empty, TLS_WITHOUT_TRUST, False)
+    assert "mtls=temperror" in header and "policy table unavailable" in header, header
+    assert "mtls=pass" in _header_after_lookup(dns_server, pki, empty, TRUSTED, False)
 
 
 @settings(max_examples=200, deadline=None)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from mtls_milter.core.evidence import xtext_decode
 from mtls_milter.core.lru import ExpiringLRU
+from mtls_milter.errors import MtlsMilterError
 from mtls_milter.runtime.service_thread import ServiceThread
 from mtls_milter.runtime.stream_service import StreamService
 
@@ -35,6 +36,7 @@ __all__ = [
     "PolicyFacts",
     "PolicyService",
     "PolicyServiceThread",
+    "PolicyTableUnavailable",
     "SessionTable",
     "facts_from_request",
     "parse_request",
@@ -65,6 +67,11 @@ class PolicyFacts:
     recorded: float = 0.0  # monotonic time
 
 
+class PolicyTableUnavailable(MtlsMilterError):
+    """The table could not be asked (a worker's parent did not answer in time): unlike "no
+    record", the session may have a fingerprint that the verdict then lacks."""
+
+
 class SessionTable:
     """Bounded, expiring, thread-safe map ``(client_address, client_port)`` → facts."""
 
@@ -91,7 +98,8 @@ class SessionTable:
     def get(self, address: str, port: str, *, since: float | None = None) -> PolicyFacts | None:
         """The facts recorded for the session, unless missing, expired or recorded before
         ``since`` (the session's start on :meth:`now`'s clock: such a record is an earlier
-        session's from the same address and port)."""
+        session's from the same address and port). :class:`PolicyTableUnavailable` when the
+        table cannot be asked (only a worker's remote view of the parent's table)."""
         key = (_norm_address(address), port.strip())
         now = self._clock()
         facts = self._items.get(key, lambda facts: now - facts.recorded <= self._ttl)

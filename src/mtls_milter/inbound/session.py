@@ -291,6 +291,8 @@ class MilterSession:
             return verdict_for(tx, self._sessions, self._fetcher)
         session = tls_session(tx, self._sessions)
         chain_possible = self._fetcher is not None and config.chain_fetch.enabled
+        if tx.policy_unavailable:  # the key lacks what the policy table would have said
+            return verdict_for(tx, self._sessions, self._fetcher)
         if chain_possible and (session.fingerprint or session.fingerprint_md5):
             return verdict_for(tx, self._sessions, self._fetcher)
         key = (tx.mail_from, tx.helo, session, held)

@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mtls_milter.core.decisions import chain_could_change
@@ -31,7 +31,7 @@ from mtls_milter.core.evidence import (
 from mtls_milter.core.lookups import HostLookup
 from mtls_milter.engine import Engine
 from mtls_milter.inbound.chain_fetch import ChainFetcher, FetchOutcome
-from mtls_milter.inbound.policy_service import SessionTable
+from mtls_milter.inbound.policy_service import PolicyTableUnavailable, SessionTable
 from mtls_milter.net.lookup_pool import lookup_deadline
 
 log = logging.getLogger("mtls_milter")
@@ -61,6 +61,7 @@ class Transaction:
     domain: str = ""  # the MAIL FROM domain when usable, parsed once at MAIL FROM
     macro_session: TlsSession | None = None  # the macros' TLS facts, decoded once at MAIL FROM
     collector: MessageCollector | None = None  # what DMARC needs; None: [dmarc] is off
+    policy_unavailable: bool = False  # the policy table could not be asked: no fingerprint known
 
 
 def verdict_for(
@@ -79,7 +80,8 @@ def verdict_for(
         # The answer itself, not a second lookup: a failure is not cached, and asking again
         # would spend the DNS budget twice.
         held = tx.prefetch.result() if tx.prefetch is not None else None
-        return engine.evaluate(transaction, _evidence(tx, sessions, fetcher), client_mx=held)
+        verdict = engine.evaluate(transaction, _evidence(tx, sessions, fetcher), client_mx=held)
+        return _without_policy_table(tx, verdict) if tx.policy_unavailable else verdict
     except Exception:
         log.exception("internal error during evaluation")
         return Verdict(Result.TEMPERROR, "internal error", evidence=EvidenceKind.NONE)
@@ -94,10 +96,29 @@ def tls_session(tx: Transaction, sessions: SessionTable | None) -> TlsSession:
         return session
     # Only this SMTP session's record: an older one from the same address and port (an
     # earlier connection, another client behind the same NAT) may name another certificate.
-    facts = sessions.get(tx.client_addr, tx.client_port, since=tx.connected)
+    try:
+        facts = sessions.get(tx.client_addr, tx.client_port, since=tx.connected)
+    except PolicyTableUnavailable:
+        tx.policy_unavailable = True  # remembered for the verdict: not the same as no record
+        return session
     if facts is not None and facts.fingerprint:
         session = with_fingerprint(session, facts.fingerprint)
     return session
+
+
+def _without_policy_table(tx: Transaction, verdict: Verdict) -> Verdict:
+    """A verdict reached without the policy table: ``fail``, or ``none`` where the server-MX
+    fallback compared names, might be the fingerprint's absence, so an internal failure would
+    decide; it is ``temperror``. A pass, or a result no fingerprint changes, stands."""
+    if verdict.result is Result.FAIL:
+        affected = "publishes a null Client MX" not in verdict.reason
+    else:
+        fallback = tx.engine.config.policy.server_mx_fallback
+        affected = verdict.result is Result.NONE and fallback and bool(verdict.domain)
+    if not affected:
+        return verdict
+    reason = "policy table unavailable: the MTA's certificate fingerprint could not be looked up"
+    return replace(verdict, result=Result.TEMPERROR, reason=reason)
 
 
 def start_chain_fetch(

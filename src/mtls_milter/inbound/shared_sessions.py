@@ -8,9 +8,13 @@ address, port and the session's start, the reply the recorded facts or nothing.
 
 ``since`` crosses the process boundary as a number: both sides read ``time.monotonic()``, which
 on Linux is CLOCK_MONOTONIC, one clock for the whole system, so a worker's session start and the
-parent's record time compare. A lookup that fails (no reply within :data:`LOOKUP_TIMEOUT`, a
-broken channel, a reply that does not parse) reads as "no record", never an exception into the
-session, and is logged at most once per 10 s.
+parent's record time compare. A lookup that fails (no reply within :data:`LOOKUP_TIMEOUT` in
+all, a broken channel, a reply that does not parse) raises
+:class:`~.policy_service.PolicyTableUnavailable`, which is not "no record": the session may
+have had a fingerprint, so a verdict that could rest on its absence becomes ``temperror``
+(:func:`.session_evidence.verdict_for`). It is logged at most once per 10 s. The wait is short
+because the lookup runs on the worker's event loop; the parent answers on a loop that a reload
+never holds up (the reload is checked in a thread, :mod:`mtls_milter.runtime.prefork`).
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from mtls_milter.core.quote import clip
-from mtls_milter.inbound.policy_service import PolicyFacts, SessionTable
+from mtls_milter.inbound.policy_service import PolicyFacts, PolicyTableUnavailable, SessionTable
 from mtls_milter.runtime.stream_service import RateLimitedLog
 from mtls_milter.runtime.worker_link import WorkerLink
 
 log = logging.getLogger("mtls_milter.policy_service")
 
-LOOKUP_TIMEOUT = 1.0  # seconds; the parent answers in microseconds unless it is stuck
+LOOKUP_TIMEOUT = 0.25  # seconds; the parent answers in microseconds unless it is stuck
 _FACT_FIELDS = {f.name: f.type for f in fields(PolicyFacts)}
 
 
@@ -76,15 +80,14 @@ class RemoteSessionTable(SessionTable):
         raise NotImplementedError("the parent records policy facts")  # never called in a worker
 
     def get(self, address: str, port: str, *, since: float | None = None) -> PolicyFacts | None:
+        """The parent's record; PolicyTableUnavailable when the parent cannot be asked."""
         reply = self._link.request(encode_request(address, port, since), self._timeout)
         if reply is None:
-            self._failures.warning(
-                "policy lookup: no answer from the parent within %g s; reading it as no record",
-                self._timeout,
-            )
-            return None
-        try:
-            return decode_facts(reply)
-        except (ValueError, TypeError):
-            self._failures.warning("policy lookup: unreadable answer; reading it as no record")
-            return None
+            problem = f"no answer from the parent within {self._timeout:g} s"
+        else:
+            try:
+                return decode_facts(reply)
+            except (ValueError, TypeError):
+                problem = "unreadable answer from the parent"
+        self._failures.warning("policy lookup: %s; policy table unavailable", problem)
+        raise PolicyTableUnavailable(problem)

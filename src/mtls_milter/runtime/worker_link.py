@@ -49,13 +49,19 @@ class WorkerLink:
             self.sock.send(kind + payload)
 
     def request(self, payload: bytes, timeout: float) -> bytes | None:
-        """Ask the parent; its reply, or None on a timeout or a broken channel."""
-        with self._lock:
+        """Ask the parent; its reply, or None on a broken channel or when no reply came within
+        ``timeout`` seconds in all (waiting for another thread's request included)."""
+        deadline = time.monotonic() + timeout
+        # Bounded: the caller may be an event loop, and another thread may be waiting too.
+        if not self._lock.acquire(timeout=timeout):
+            return None
+        try:
             self._next += 1
             ident = ID.pack(self._next)
-            deadline = time.monotonic() + timeout
             try:
-                self.sock.settimeout(timeout)
+                if (remaining := deadline - time.monotonic()) <= 0:
+                    return None
+                self.sock.settimeout(remaining)
                 self.sock.send(REQUEST + ident + payload)
                 while (remaining := deadline - time.monotonic()) > 0:
                     self.sock.settimeout(remaining)
@@ -68,3 +74,5 @@ class WorkerLink:
             except OSError:
                 return None
             return None
+        finally:
+            self._lock.release()
