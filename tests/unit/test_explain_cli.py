@@ -257,6 +257,8 @@ def test_not_opted_in_then_and_now_agrees(
         (verdict_line(names="out.sender.test"), "the verdict's 'names' is not a list of strings"),
         (verdict_line(domain="bad domain!"), "the verdict's domain 'bad domain!' is unusable"),
         (verdict_line() + " trailing", "text after the verdict's JSON: 'trailing'"),
+        (verdict_line(ttl=10**400), "the verdict's 'ttl' is not a number"),
+        (verdict_line(timings_ms={"dns": 10**400}), "'timings_ms' holds a value that is not"),
     ],
 )
 def test_garbage_on_stdin_is_one_line_and_exit_2(

@@ -1060,6 +1060,19 @@ def test_verdict_line_names_hosts_fingerprint_source_and_timings(
     assert 0 <= timings["dns"] <= timings["total"] and timings["chain"] == 0
 
 
+def test_verdict_line_clips_what_the_client_chose(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HELO is the client's text: at most 200 characters, control characters escaped."""
+    conv = make.conversation()
+    conv.negotiate()
+    conv.connect()
+    conv.helo("x\x1b[31m" + "h" * 300, POSTFIX_TRUSTED)
+    conv.message("<alice@sender.test>", {})
+    helo = _one_verdict(caplog)["helo"]
+    assert len(helo) <= 200 and "\x1b" not in helo and helo.startswith("x\\x1b[31m")
+
+
 def test_verdict_line_fingerprint_from_a_macro(
     make: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -185,7 +185,12 @@ def _flag(record: dict[str, Any], key: str) -> bool:
 
 def _number(value: object) -> TypeGuard[int | float]:
     """A finite JSON number (Python's json also reads NaN and Infinity)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float: no count or timing we wrote
+        return False
 
 
 def _count(record: dict[str, Any], key: str) -> int | None:

@@ -20,6 +20,7 @@ from mtls_milter.core.quote import clip
 from mtls_milter.inbound.session_evidence import Transaction
 
 MAX_LOGGED_HOSTS = 10
+MAX_DETAIL = 400  # the chain detail is our text around quotes of at most 200 characters
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -64,8 +65,8 @@ def log_fields(
     ttl = getattr(held, "ttl", None)
     return {
         "queue_id": clip(tx.macros.get("i") or ""),
-        "client": tx.client_addr,
-        "helo": tx.helo[:255],
+        "client": clip(tx.client_addr),
+        "helo": clip(tx.helo),
         "domain": verdict.domain,
         "result": verdict.result.value,
         "reason": verdict.reason,
@@ -76,7 +77,7 @@ def log_fields(
         "hosts_count": len(verdict.hosts),
         "ttl": ttl if isinstance(ttl, int) else None,
         "fingerprint_source": _fingerprint_source(tx),
-        "chain": tx.chain_detail,
+        "chain": clip(tx.chain_detail, MAX_DETAIL),
         "action": action,
         "dry_run": dry_run,
         "elapsed_ms": round((decided - tx.started) * 1000, 2),

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from OpenSSL import SSL
 
+from mtls_milter.core.quote import clip
+
 __all__ = ["MAX_LINE", "MAX_REPLY_LINES", "StartTlsResult", "starttls_chain"]
 
 MAX_REPLY_LINES = 100
@@ -158,7 +160,7 @@ def _start_tls(smtp: _Smtp, ehlo_name: str, result: StartTlsResult) -> bool:
     smtp.send(b"STARTTLS\r\n")
     code, lines = smtp.reply()
     if code != 220:
-        result.error = f"STARTTLS refused ({code} {' '.join(lines)[:80]})"
+        result.error = f"STARTTLS refused ({code} {clip(' '.join(lines), 80)})"
         return False
     return True
 
