@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support.daemon import MilterDaemon
 from support.dnsserver import TestDnsServer
 from support.milter_client import full_conversation
@@ -116,6 +117,10 @@ def test_prometheus_sees_exactly_the_messages_sent_and_the_failed_reload(
         assert prometheus.value("mtls_milter_config_last_reload_ok") == 1
         assert prometheus.value('mtls_milter_build_info{version="0.1.0"}') == 1
 
+        generation = scraped(listen, "mtls_milter_config_generation")
+        assert daemon.signal_reload() and daemon.signal_reload()
+        assert scraped(listen, "mtls_milter_config_generation") == generation + 2  # each reload
+
         trust.write_text("not a certificate\n")
         assert daemon.signal_reload() is False  # refused: the running trust store stays
         status, body = get(f"http://{listen}/healthz")
@@ -125,6 +130,17 @@ def test_prometheus_sees_exactly_the_messages_sent_and_the_failed_reload(
         ok = "mtls_milter_config_last_reload_ok"
         assert prometheus.wait_for_value(ok, 0) == 0
         assert "mtls=pass" in send(daemon, *SENT[0][:2])  # still judging with the old store
+
+
+def scraped(listen: str, name: str) -> float:
+    """One unlabelled sample straight from the daemon's /metrics."""
+    status, body = get(f"http://{listen}/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def children(pid: int) -> list[int]:

@@ -246,7 +246,7 @@ def test_supervisor_hooks_count_live_workers_and_call_the_others_too() -> None:
         worker_exited=lambda slot, pid, status: seen.append((slot, pid, status)),
     )
     with MetricsServer("127.0.0.1:0", metrics.render, lambda: (True, "")) as server:
-        supervisor = SupervisorMetrics(server, engine)
+        supervisor = SupervisorMetrics(server, engine, set())
         hooks = supervisor.hooks(others)
         assert hooks.before_fork and hooks.worker_started and hooks.worker_exited
         hooks.before_fork(0)
@@ -271,3 +271,15 @@ def test_a_worker_without_the_parents_metrics_counts_nothing(
     assert start_for_daemon(config, holder, serve_http=False, workers=2) is None
     assert metrics.current() is None
     assert "the supervisor serves no metrics" in caplog.text
+
+
+def test_the_supervisors_healthz_is_503_while_no_worker_runs() -> None:
+    from mtls_milter.inbound.metrics_observer import supervisor_health
+
+    alive: set[int] = set()
+    health = supervisor_health(alive, lambda: (True, ""))
+    assert health() == (False, "no worker is running (the log says why they exit)")
+    alive.add(4711)
+    assert health() == (True, "")
+    alive.clear()
+    assert health()[0] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -201,3 +202,17 @@ def test_serve_refuses_to_start_when_the_metrics_address_is_taken(
     assert done.returncode == 1, done.stderr
     assert f"cannot listen on [metrics] listen 127.0.0.1:{port}: " in done.stderr
     assert "Address already in use" in done.stderr
+
+
+def test_a_client_that_resets_mid_request_leaves_no_error_in_the_log(
+    server: MetricsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who can reach the port could otherwise fill the log with tracebacks."""
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"GET /metr")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # linger 0: a reset, not a FIN
+    assert get(server, "/healthz")[0] == 200  # still answering
+    time.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.text

@@ -198,6 +198,8 @@ class AsyncioDaemon:
                 trigger = "+".join(self._reload_wanted)
                 self._reload_wanted = []
                 await loop.run_in_executor(self._eom, self._reloader.reload, trigger)
+                if self._metrics is not None:  # the config gauges count every reload
+                    self._metrics.refresh()
                 if self._worker is not None:
                     self._worker.link.tell(RELOADED)
 

@@ -234,6 +234,8 @@ class Daemon:
     def reload(self, trigger: str = "") -> None:
         """Build a new engine from the configuration file; keep the old one if that fails."""
         self._reloader.reload(trigger)
+        if self._metrics is not None:  # the config gauges count every reload
+            self._metrics.refresh()
 
     def wait(self) -> int:
         """Run the main thread's loop until stopped; return the exit status."""

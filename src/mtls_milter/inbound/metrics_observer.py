@@ -54,6 +54,7 @@ class DaemonMetrics:
         self._connections: Callable[[], int] | None = None
         self._engine: object = None  # the engine the config gauges were last set for
         self._generation = 0
+        self._generation_lock = threading.Lock()
         self.server: MetricsServer | None = None
         self._stop = threading.Event()
 
@@ -100,10 +101,11 @@ class DaemonMetrics:
             m.dns_cache_entries.set(resolver.cache_entries())
         if self._connections is not None:
             m.open_connections.set(self._connections())
-        if engine is not self._engine:  # the first engine, or one a reload swapped in
-            self._engine = engine
-            self._generation += 1
-            metrics.config_loaded(self._generation, engine.validator.anchor_count)
+        with self._generation_lock:  # two scrapes at once count one reload once
+            if engine is not self._engine:  # the first engine, or one a reload swapped in
+                self._engine = engine
+                self._generation += 1
+                metrics.config_loaded(self._generation, engine.validator.anchor_count)
 
     def health_check(self, config: Config) -> Callable[[], tuple[bool, str]]:
         """/healthz with the gauges (and a reload's success) brought up to date first."""
@@ -183,9 +185,9 @@ class SupervisorMetrics:
     of every process's files) and /healthz, counts live workers, drops an exited worker's
     gauges, and reports its own reload checks (a refused reload never reaches the workers)."""
 
-    def __init__(self, server: MetricsServer, engine: Engine) -> None:
+    def __init__(self, server: MetricsServer, engine: Engine, alive: set[int]) -> None:
         self.server = server
-        self._alive: set[int] = set()
+        self._alive = alive  # pids of the live workers; /healthz reads it too
         self._generation = 1
         metrics.config_loaded(1, engine.validator.anchor_count)
 
@@ -233,9 +235,25 @@ def start_for_supervisor(config: Config, engine: Engine) -> SupervisorMetrics | 
     if not config.metrics.listen:
         return None
     metrics.setup(config, config.milter.workers)
+    alive: set[int] = set()
     try:
-        server = metrics.start_server(config, milter_health(config))
+        server = metrics.start_server(config, supervisor_health(alive, milter_health(config)))
     except OSError as exc:
         where = f"[metrics] listen {config.metrics.listen}"
         raise StartupError(f"cannot listen on {where}: {exc}") from None
-    return SupervisorMetrics(server, engine)
+    return SupervisorMetrics(server, engine, alive)
+
+
+def supervisor_health(
+    alive: set[int], check: Callable[[], tuple[bool, str]]
+) -> Callable[[], tuple[bool, str]]:
+    """The parent's /healthz: ``check`` once at least one worker is alive. The parent's
+    listening socket accepts into its backlog even when every worker has died (say, a trust
+    file became unreadable and each restart fails), so that alone would read as healthy."""
+
+    def health() -> tuple[bool, str]:
+        if not alive:
+            return False, "no worker is running (the log says why they exit)"
+        return check()
+
+    return health

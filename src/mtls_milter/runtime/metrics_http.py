@@ -80,9 +80,12 @@ class MetricsHttp(StreamService):
             return None
         except TimeoutError:
             return await _reply(writer, 408, "request not received in time\n")
+        except ConnectionError:  # the client went away (reset): nothing to answer, nothing to log
+            return None
         status, body, content_type = await self._answer(head)
         send_body = not head.startswith(b"HEAD ")
-        await _reply(writer, status, body, content_type, send_body=send_body)
+        with contextlib.suppress(ConnectionError):  # a client that left before the answer
+            await _reply(writer, status, body, content_type, send_body=send_body)
         return None
 
     async def _answer(self, head: bytes) -> tuple[int, str | bytes, str]:
