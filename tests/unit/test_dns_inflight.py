@@ -101,6 +101,61 @@ def test_a_waiter_whose_budget_ends_gets_tempfail_and_the_next_caller_the_cached
     assert dns_server.queries.count(("sender.test", CMX)) == 1
 
 
+def test_a_caller_with_more_budget_does_not_inherit_a_short_budget_leaders_timeout(
+    dns_server: TestDnsServer, resolver_for: ResolverFactory
+) -> None:
+    # A message with 0.05 s left leads the query; one with 5 s asks the same name meanwhile.
+    dns_server.add("sender.test", CMX, "10 out.sender.test.")
+    dns_server.delay("sender.test", 0.3)
+    resolver = resolver_for(timeout=2.0)
+    first: list[Any] = []
+    short = threading.Thread(target=lambda: first.append(resolver.client_mx("sender.test", 0.05)))
+    short.start()
+    wait_for(lambda: ("sender.test", CMX) in dns_server.queries)
+    patient = resolver.client_mx("sender.test", 5.0)
+    short.join()
+    assert patient.status is LookupStatus.OK and patient.hosts == ("out.sender.test",)
+    assert first[0].status is LookupStatus.TEMPFAIL
+    assert first[0].detail.startswith("no answer within 0.05 s")
+    assert dns_server.queries.count(("sender.test", CMX)) == 2  # the same question, twice
+
+
+def test_a_waiter_with_time_left_asks_again_when_the_shared_query_timed_out(
+    dns_server: TestDnsServer, resolver_for: ResolverFactory
+) -> None:
+    # The DNS timeout (0.3 s) is shorter than both budgets: the shared query runs out of time
+    # while the waiter still has over 3 s, and the name server has recovered meanwhile.
+    dns_server.add("sender.test", CMX, "10 out.sender.test.")
+    dns_server.delay("sender.test", 1.0)
+    resolver = resolver_for(timeout=0.3)
+    first: list[Any] = []
+    leader = threading.Thread(target=lambda: first.append(resolver.client_mx("sender.test", 5)))
+    leader.start()
+    wait_for(lambda: ("sender.test", CMX) in dns_server.queries)
+    dns_server.delay("sender.test", 0.0)
+    waiter = resolver.client_mx("sender.test", 4.0)
+    leader.join()
+    assert first[0].status is LookupStatus.TEMPFAIL
+    assert first[0].detail.startswith("no answer within 0.3 s")
+    assert waiter.status is LookupStatus.OK and waiter.hosts == ("out.sender.test",)
+    assert dns_server.queries.count(("sender.test", CMX)) == 2
+
+
+def test_waiters_that_ask_again_at_once_share_one_query(
+    dns_server: TestDnsServer, resolver_for: ResolverFactory, pool: LookupPool
+) -> None:
+    dns_server.add("sender.test", CMX, "10 out.sender.test.")
+    dns_server.delay("sender.test", 1.0)
+    resolver = resolver_for(timeout=0.3)
+    leader = pool.submit(resolver.client_mx, "sender.test", 5.0)
+    wait_for(lambda: ("sender.test", CMX) in dns_server.queries)
+    waiters = [pool.submit(resolver.client_mx, "sender.test", 4.0) for _ in range(10)]
+    dns_server.delay("sender.test", 0.2)  # the name server recovers, slowly
+    assert leader.result().status is LookupStatus.TEMPFAIL
+    assert {f.result().hosts for f in waiters} == {("out.sender.test",)}
+    assert dns_server.queries.count(("sender.test", CMX)) == 2  # not one more per waiter
+
+
 def test_txt_and_address_lookups_are_shared_too(
     dns_server: TestDnsServer, dns_resolver: DnsResolver
 ) -> None:

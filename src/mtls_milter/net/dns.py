@@ -70,6 +70,7 @@ _TXT = int(dns.rdatatype.TXT)
 # rrtype labels for the lookup observer (metrics); any other number is the Client MX type
 _LABELS = {_MX: "mx", _A: "a", _AAAA: "aaaa", _TXT: "txt"}
 BUDGET_EXHAUSTED = "DNS time budget exhausted"
+TIMED_OUT = "no answer within "  # how describe_timeout's text for a query out of time begins
 
 LookupObserver = Callable[[str, float, bool], None]
 
@@ -243,7 +244,9 @@ class DnsResolver:
         def unavailable(text: str) -> Any:
             return decode(_QueryOutcome(LookupStatus.TEMPFAIL, detail=text))[0]
 
-        answer = self._flights.run((name, rdtype), lookup_group(name), budget, query, unavailable)
+        answer = self._flights.run(
+            (name, rdtype), lookup_group(name), budget, query, unavailable, _timed_out
+        )
         if observe:
             self._observe(_LABELS.get(rdtype, "client_mx"), time.monotonic() - began, False)
         return answer
@@ -331,6 +334,13 @@ class DnsResolver:
 
 
 _Decoder = Callable[[_QueryOutcome], tuple[Any, int | None]]
+
+
+def _timed_out(result: Any) -> bool:
+    """Whether a decoded result is a TEMPFAIL because its query's time ran out (a caller that
+    shared the query, with time left, then asks again itself)."""
+    detail: str = result.detail
+    return result.status is LookupStatus.TEMPFAIL and detail.startswith(TIMED_OUT)
 
 
 def _client_mx(outcome: _QueryOutcome) -> tuple[HostLookup, int | None]:

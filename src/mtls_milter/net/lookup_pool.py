@@ -139,7 +139,7 @@ class LookupPool(Executor):
 
     def _reset(self) -> None:
         """Fresh bookkeeping: at creation, and in a forked child (the parent's threads, their
-        idle tokens and a lock one of them held do not exist there)."""
+        idle counts and a lock one of them held do not exist there)."""
         self._pid = os.getpid()
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the three counts below
