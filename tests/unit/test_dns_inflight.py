@@ -377,6 +377,28 @@ def test_after_a_flood_at_the_ceiling_and_idle_exit_every_call_still_runs() -> N
     assert pool.threads == 0
 
 
+def test_a_thread_the_system_refuses_leaves_the_call_to_a_running_thread_or_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = LookupPool(max_threads=4)
+    release = threading.Event()
+    running = pool.submit(release.wait, 5)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    queued = pool.submit(lambda: "ran")  # the running thread takes it when it finishes
+    release.set()
+    assert running.result(timeout=5) is True and queued.result(timeout=5) == "ran"
+    wait_for(lambda: pool.threads == 1)
+    pool.shutdown(wait=True)  # the last thread leaves; a new pool has none to fall back on
+    lonely = LookupPool()
+    with pytest.raises(RuntimeError):
+        lonely.submit(lambda: 1)
+    assert lonely.threads == 0
+
+
 def test_shutdown_can_cancel_calls_still_waiting_for_a_thread() -> None:
     pool = LookupPool(max_threads=1)
     release = threading.Event()

@@ -171,7 +171,14 @@ class LookupPool(Executor):
             self._started += 1
             number = self._started
         thread = threading.Thread(target=self._worker, name=f"{self._name}-{number}", daemon=True)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # the system would not start another thread
+            with self._lock:
+                self._threads -= 1
+                if not self._threads:
+                    raise  # nobody will run it: the caller decides (a lookup's caller: temperror)
+                self._backlog += 1  # a running thread takes it when it finishes
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
