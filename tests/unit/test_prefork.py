@@ -289,7 +289,7 @@ def test_any_reply_decodes_to_facts_or_a_value_error(reply: bytes) -> None:
 
 SUPERVISOR = textwrap.dedent(
     """
-    import logging, os, sys, time
+    import logging, os, resource, sys, time
     from mtls_milter.runtime.prefork import Supervisor, SupervisorHooks
     from mtls_milter.runtime.worker_link import UP
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
@@ -298,16 +298,38 @@ SUPERVISOR = textwrap.dedent(
     def worker(slot, link):
         if mode == "crash":
             return 3
+        if mode == "exit-none":
+            sys.exit()
         link.tell(UP)
+        if mode == "slow-reload" and slot == 0:  # lookups, one every 10 ms, for 2.5 s
+            waits, lost = [], 0
+            for _ in range(250):
+                started = time.monotonic()
+                lost += link.request(b"x", 0.25) != b"x"
+                waits.append(time.monotonic() - started)
+                time.sleep(0.01)
+            print(f"LOOKUPS lost={lost} slowest={max(waits):.3f}", flush=True)
         time.sleep(3600)
         return 0
+
+    def reload(trigger):
+        if mode == "bad-reload":
+            raise RuntimeError("reload bug")
+        if mode == "slow-reload":  # a big trust store: 1 s of CPU
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                pass
+        return "ok"
 
     def broken(*args):
         raise RuntimeError("hook")
 
+    if mode == "high-fds":  # the workers' channels get descriptor numbers over 1023
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, 2048))
+        spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
     hooks = SupervisorHooks(broken, broken, broken) if mode == "broken-hooks" else None
     ready = lambda pids: print("READY", *pids, flush=True)
-    sys.exit(Supervisor(2, worker, answer=lambda r: r, reload=lambda t: "ok", on_ready=ready,
+    sys.exit(Supervisor(2, worker, answer=lambda r: r, reload=reload, on_ready=ready,
                         hooks=hooks, stop_grace=2).run())
     """
 )
@@ -364,6 +386,68 @@ def test_the_supervisor_restarts_a_killed_worker_and_stops_all_on_sigterm(
     assert supervisor.returncode == 0, out
     assert "stopping on SIGTERM: 2 workers" in out
     assert out.count("killed by signal SIGTERM") == 2, out  # these workers take SIGTERM's default
+
+
+def _stop(supervisor: subprocess.Popen[str]) -> str:
+    supervisor.send_signal(signal.SIGTERM)
+    out, _ = supervisor.communicate(timeout=10)
+    assert supervisor.returncode == 0, out
+    return out
+
+
+@pytest.mark.parametrize("supervisor", ["slow-reload"], indirect=True)
+def test_lookups_are_answered_while_a_reload_is_checked(
+    supervisor: subprocess.Popen[str],
+) -> None:
+    """The reload check takes 1 s of CPU; a worker's lookups meanwhile are still answered
+    within their 0.25 s (the check runs in a thread, the answers on the supervisor's loop)."""
+    assert supervisor.stdout is not None
+    assert supervisor.stdout.readline().startswith("READY"), "no READY"
+    time.sleep(0.3)
+    supervisor.send_signal(signal.SIGHUP)
+    line = supervisor.stdout.readline()
+    while not line.startswith("LOOKUPS"):
+        assert line, "no LOOKUPS line"
+        line = supervisor.stdout.readline()
+    _stop(supervisor)
+    lost, slowest = re.findall(r"lost=(\d+) slowest=([0-9.]+)", line)[0]
+    assert lost == "0" and float(slowest) < 0.2, line
+
+
+@pytest.mark.parametrize("supervisor", ["bad-reload"], indirect=True)
+def test_a_reload_check_that_raises_keeps_the_supervisor_and_its_workers(
+    supervisor: subprocess.Popen[str],
+) -> None:
+    assert supervisor.stdout is not None
+    pids = supervisor.stdout.readline().split()[1:]
+    supervisor.send_signal(signal.SIGHUP)
+    line = supervisor.stdout.readline()
+    assert "reload check failed; keeping the running configuration" in line, line
+    time.sleep(0.3)
+    for pid in pids:
+        os.kill(int(pid), 0)  # still running
+    out = _stop(supervisor)
+    assert out.count("killed by signal SIGTERM") == 2, out
+
+
+@pytest.mark.parametrize("supervisor", ["high-fds"], indirect=True)
+def test_channels_over_descriptor_1023_are_served(supervisor: subprocess.Popen[str]) -> None:
+    """select.select() refuses a descriptor number over 1023 (ValueError): the supervisor
+    would die at once and leave its workers running."""
+    time.sleep(1.0)
+    assert supervisor.poll() is None, "the supervisor died"
+    out = _stop(supervisor)
+    assert out.startswith("READY ") and out.count("killed by signal SIGTERM") == 2, out
+
+
+@pytest.mark.parametrize("supervisor", ["exit-none"], indirect=True)
+def test_a_worker_calling_sys_exit_without_a_status_exits_with_0(
+    supervisor: subprocess.Popen[str],
+) -> None:
+    time.sleep(0.3)
+    out = _stop(supervisor)
+    assert "worker 0 (pid " in out and ") exited with status 0 after" in out, out
+    assert "exited with status 1" not in out, out
 
 
 @pytest.mark.parametrize("supervisor", ["broken-hooks"], indirect=True)

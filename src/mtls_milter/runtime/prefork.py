@@ -5,10 +5,11 @@ each inherits the socket and runs its own event loop in its own process (its own
 kernel hands each connection to one of the processes waiting in ``accept()``. The parent serves
 no connection. It restarts a worker that dies (one log line with pid and exit status or signal;
 the delay doubles from 0.5 s to 30 s while workers die young, :class:`RestartBackoff`); checks a
-reload itself, then sends SIGHUP to every worker and logs ``reloaded:`` once all confirmed; on
-SIGTERM/SIGINT stops every worker (SIGKILL after :data:`STOP_GRACE` s) and exits when all are
-gone; alone tells systemd READY=1, RELOADING=1, STOPPING=1 (NOTIFY_SOCKET is removed in the
-workers); answers each worker's requests on its private channel (:mod:`.worker_link`).
+reload itself, in a thread so that its loop keeps answering the workers, then sends SIGHUP to
+every worker and logs ``reloaded:`` once all confirmed; on SIGTERM/SIGINT, or a failure of its
+own, stops every worker (SIGKILL after :data:`STOP_GRACE` s) and exits when all are gone; alone
+tells systemd READY=1, RELOADING=1, STOPPING=1 (NOTIFY_SOCKET is removed in the workers);
+answers each worker's requests on its private channel (:mod:`.worker_link`).
 
 What a worker runs, what a request means and what a reload checks are given to the supervisor;
 :class:`SupervisorHooks` are the places for per-process bookkeeping (e.g. metrics).
@@ -19,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
+import selectors
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 from typing import NoReturn
 
@@ -35,17 +36,20 @@ from mtls_milter.runtime.worker_link import (
     RELOADED,
     REQUEST,
     UP,
+    ReloadState,
+    RestartBackoff,
+    SupervisorHooks,
+    Worker,
     WorkerLink,
+    describe_status,
     mib,
     rss_bytes,
 )
 
+__all__ = ["RestartBackoff", "Supervisor", "SupervisorHooks", "describe_status"]
+
 log = logging.getLogger("mtls_milter")
 
-STABLE_AFTER = 10.0  # seconds; a worker that lived this long is restarted without delay
-FIRST_DELAY = 0.5  # seconds before restarting a worker that died young
-QUICK_DELAY = 0.1  # seconds before restarting a worker that had a normal life
-MAX_DELAY = 30.0
 STOP_GRACE = 15.0  # seconds workers get after SIGTERM before SIGKILL
 RELOAD_TIMEOUT = 30.0  # seconds the parent waits for every worker to confirm a reload
 RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
@@ -55,62 +59,6 @@ PARENT_SIGNALS = (*RELOAD_SIGNALS, *STOP_SIGNALS, signal.SIGCHLD, signal.SIGUSR2
 WorkerMain = Callable[[int, WorkerLink], int]  # slot, channel -> exit status (in the child)
 Answer = Callable[[bytes], bytes]  # a worker's request -> the reply (in the parent)
 Reload = Callable[[str], str | None]  # trigger -> text for the "reloaded:" line, None: refused
-
-
-class RestartBackoff:
-    """How long to wait before restarting a worker slot, from how long its worker lived."""
-
-    def __init__(
-        self, stable_after: float = STABLE_AFTER, first: float = FIRST_DELAY, top: float = MAX_DELAY
-    ) -> None:
-        self._stable_after, self._first, self._top = stable_after, first, top
-        self._last: dict[int, float] = {}  # slot -> the delay last given to a young death
-
-    def delay(self, slot: int, lived: float) -> float:
-        if lived >= self._stable_after:
-            self._last.pop(slot, None)
-            return QUICK_DELAY
-        previous = self._last.get(slot)
-        delay = self._first if previous is None else min(previous * 2, self._top)
-        self._last[slot] = delay
-        return delay
-
-
-def describe_status(status: int) -> str:
-    """A wait status in words: ``killed by signal SIGKILL`` or ``exited with status 1``."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = str(number)
-        return f"killed by signal {name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
-@dataclass
-class SupervisorHooks:
-    """Optional callbacks in the parent, each quick (one that raises is logged and ignored)."""
-
-    before_fork: Callable[[int], None] | None = None  # slot
-    worker_started: Callable[[int, int], None] | None = None  # slot, pid
-    worker_exited: Callable[[int, int, int], None] | None = None  # slot, pid, wait status
-
-
-@dataclass
-class Worker:
-    slot: int
-    pid: int
-    channel: socket.socket  # the parent's end
-    started: float
-    up: bool = False
-    reloaded: bool = True
-
-
-@dataclass
-class _Reload:
-    summary: str
-    deadline: float
 
 
 class Supervisor:
@@ -140,45 +88,55 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}  # pid -> worker
         self._restart_at: dict[int, float] = {}  # slot -> monotonic time
         self._reload_wanted: list[str] = []  # signal names since the last reload started
-        self._reload: _Reload | None = None
+        self._reload: ReloadState | None = None
         self._stop_signal = 0
+        self._stopping = False  # stopping the workers: none is restarted
         self._report_wanted = False
         self._ready_sent = False
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
+        # selectors, not select.select(): a descriptor number over 1023 is fine.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
 
     def run(self) -> int:
-        """Supervise until SIGTERM/SIGINT and every worker is gone; the exit status."""
-        self._install_signals()
-        for slot in range(self.count):
-            self._spawn(slot)
-        while not self._stop_signal:
-            self._step(self._next_timeout())
-        log.info(
-            "stopping on %s: %d workers", signal.Signals(self._stop_signal).name, len(self.workers)
-        )
-        notify("STOPPING=1")
-        self._stop_workers()
-        return 0
+        """Supervise until SIGTERM/SIGINT and every worker is gone; the exit status (1 after a
+        failure of the supervisor itself, which stops the workers too: none is orphaned)."""
+        status = 1
+        try:
+            self._install_signals()
+            for slot in range(self.count):
+                self._spawn(slot)
+            while not self._stop_signal:
+                self._step(self._next_timeout())
+            stop = signal.Signals(self._stop_signal).name
+            log.info("stopping on %s: %d workers", stop, len(self.workers))
+            status = 0
+        except Exception:
+            log.exception("supervisor failed; stopping %d workers", len(self.workers))
+        finally:
+            self._stopping = True
+            notify("STOPPING=1")
+            self._stop_workers()
+        return status
 
     # -- the loop ------------------------------------------------------------------------------
 
     def _step(self, timeout: float) -> None:
-        channels = {w.channel: w for w in self.workers.values() if w.channel.fileno() >= 0}
         with contextlib.suppress(InterruptedError):
-            readable, _, _ = select.select([self._wake_r, *channels], [], [], timeout)
-            for sock in readable:
-                if sock is self._wake_r:
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:  # the wake-up socket
                     with contextlib.suppress(OSError):
                         while self._wake_r.recv(4096):
                             pass
                 else:
-                    self._serve_channel(channels[sock])
+                    self._serve_channel(key.data)
         self._reap()
-        if self._stop_signal:
+        if self._stop_signal or self._stopping:
             return
-        self._restart_due()
+        if not self._checking():
+            self._restart_due()
         self._advance_reload()
         if self._report_wanted:
             self._report_wanted = False
@@ -189,11 +147,17 @@ class Supervisor:
             self.on_ready(sorted(self.workers))
 
     def _next_timeout(self) -> float:
+        if self._checking():  # no restart meanwhile; the check's end wakes the loop
+            return 1.0
         now = time.monotonic()
         due = [at - now for at in self._restart_at.values()]
         if self._reload is not None:
             due.append(self._reload.deadline - now)
         return max(0.0, min([1.0, *due]))
+
+    def _checking(self) -> bool:
+        """A reload is being checked in its thread (it may change what a new worker runs)."""
+        return self._reload is not None and not self._reload.checked
 
     def _all_up(self) -> bool:
         return len(self.workers) == self.count and all(w.up for w in self.workers.values())
@@ -216,7 +180,7 @@ class Supervisor:
             except OSError:
                 message = b""
             if not message:  # the worker is gone; _reap() tells why
-                worker.channel.close()
+                self._close_channel(worker)
                 return
             kind, payload = message[:1], message[1:]
             if kind == REQUEST:
@@ -245,9 +209,13 @@ class Supervisor:
         self._restart_at.pop(slot, None)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._hook(self.hooks.before_fork, slot)
+        # Until the child has reset them, the parent's handlers would run there: a signal meant
+        # for the new worker would be taken for the parent's and lost. Blocked, it waits.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             parent_end.close()
             child_end.close()
             delay = self.backoff.delay(slot, 0.0)
@@ -256,10 +224,12 @@ class Supervisor:
             return
         if pid == 0:
             parent_end.close()
-            self._become_worker(slot, child_end)
+            self._become_worker(slot, child_end, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child_end.close()
         parent_end.setblocking(False)
-        self.workers[pid] = Worker(slot, pid, parent_end, time.monotonic())
+        self.workers[pid] = worker = Worker(slot, pid, parent_end, time.monotonic())
+        self._selector.register(parent_end, selectors.EVENT_READ, worker)
         self._hook(self.hooks.worker_started, slot, pid)
 
     @staticmethod
@@ -271,7 +241,7 @@ class Supervisor:
             except Exception:
                 log.exception("supervisor hook %s failed", getattr(hook, "__name__", hook))
 
-    def _become_worker(self, slot: int, channel: socket.socket) -> NoReturn:
+    def _become_worker(self, slot: int, channel: socket.socket, mask: set[int]) -> NoReturn:
         """In the child: forget the parent's signal handling and sockets, run, exit."""
         status = 1
         try:
@@ -279,13 +249,15 @@ class Supervisor:
             for signum in PARENT_SIGNALS:  # a reload before the worker listens is lost, not fatal
                 ignored = signum in (*RELOAD_SIGNALS, signal.SIGUSR2)
                 signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.environ.pop("NOTIFY_SOCKET", None)
+            self._selector.close()
             for sock in (self._wake_r, self._wake_w, *(w.channel for w in self.workers.values())):
                 sock.close()
             self.close_in_child()
             status = self.worker_main(slot, WorkerLink(channel, slot))
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else 1
+        except SystemExit as exc:  # sys.exit(): None is success, a text is a failure
+            status = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
         except BaseException:
             log.exception("worker %d failed", slot)
         finally:
@@ -307,10 +279,10 @@ class Supervisor:
                 self._exited(worker, status)
 
     def _exited(self, worker: Worker, status: int) -> None:
-        worker.channel.close()
+        self._close_channel(worker)
         self._hook(self.hooks.worker_exited, worker.slot, worker.pid, status)
         how = describe_status(status)
-        if self._stop_signal:
+        if self._stop_signal or self._stopping:
             log.info("worker %d (pid %d) %s", worker.slot, worker.pid, how)
             return
         lived = time.monotonic() - worker.started
@@ -324,6 +296,11 @@ class Supervisor:
             delay,
         )
         self._restart_at[worker.slot] = time.monotonic() + delay
+
+    def _close_channel(self, worker: Worker) -> None:
+        if worker.channel.fileno() >= 0:
+            self._selector.unregister(worker.channel)
+            worker.channel.close()
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -339,8 +316,14 @@ class Supervisor:
             self._reload_wanted = []
             self._begin_reload(trigger)
         reload = self._reload
-        if reload is None:
+        if reload is None or not reload.checked:
             return
+        if reload.deadline == float("inf"):
+            if reload.summary is None:  # refused and logged; the workers keep theirs
+                self._reload = None
+                notify("READY=1")
+                return
+            self._signal_reload(reload)
         waiting = [w.pid for w in self.workers.values() if not w.reloaded]
         if waiting and time.monotonic() < reload.deadline:
             return
@@ -350,17 +333,31 @@ class Supervisor:
         log.info("reloaded: %s workers=%s%s", reload.summary, self._memory_text(), late)
 
     def _begin_reload(self, trigger: str) -> None:
+        """Check the configuration in a thread: the loop keeps answering the workers' lookups
+        meanwhile (their event loops wait for those answers). No fork until it is done."""
         notify("RELOADING=1")
-        summary = self.reload(trigger)
-        if summary is None:  # refused and logged by the callback; the workers keep theirs
-            notify("READY=1")
-            return
+        self._reload = reload = ReloadState(trigger)
+        threading.Thread(
+            target=self._check_reload, args=(reload,), name="reload-check", daemon=True
+        ).start()
+
+    def _check_reload(self, reload: ReloadState) -> None:
+        try:
+            reload.summary = self.reload(reload.trigger)
+        except Exception:  # a bug in the check: keep running as before
+            log.exception("reload check failed; keeping the running configuration")
+        finally:
+            reload.checked = True
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"r")
+
+    def _signal_reload(self, reload: ReloadState) -> None:
         for worker in self.workers.values():
             worker.reloaded = False
             if worker.up:  # one still starting is signalled when it is up
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGHUP)
-        self._reload = _Reload(summary, time.monotonic() + RELOAD_TIMEOUT)
+        reload.deadline = time.monotonic() + RELOAD_TIMEOUT
 
     def _stop_workers(self) -> None:
         self._restart_at.clear()

@@ -3,21 +3,30 @@
 The channel is one end of an AF_UNIX SOCK_SEQPACKET socket pair per worker: each message is one
 datagram (never half of one). A worker sends ``REQUEST`` + an 8-byte id + a payload and reads
 the parent's reply (the same id + the answer); ``UP`` (serving) and ``RELOADED`` (a reload is
-done) need no reply.
+done) need no reply. Also the parent's small helpers about a worker process: its memory, its
+exit status in words, the delay before restarting it, its record and the hooks called.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 MAX_MESSAGE = 65536
 REQUEST, UP, RELOADED = b"?", b"U", b"R"  # the first byte of a message from a worker
 ID = struct.Struct("!Q")
+
+STABLE_AFTER = 10.0  # seconds; a worker that lived this long is restarted without delay
+FIRST_DELAY = 0.5  # seconds before restarting a worker that died young
+QUICK_DELAY = 0.1  # seconds before restarting a worker that had a normal life
+MAX_DELAY = 30.0
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -32,6 +41,37 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 def mib(size: int) -> str:
     return f"{size / 1048576:.1f}MiB"
+
+
+class RestartBackoff:
+    """How long to wait before restarting a worker slot, from how long its worker lived."""
+
+    def __init__(
+        self, stable_after: float = STABLE_AFTER, first: float = FIRST_DELAY, top: float = MAX_DELAY
+    ) -> None:
+        self._stable_after, self._first, self._top = stable_after, first, top
+        self._last: dict[int, float] = {}  # slot -> the delay last given to a young death
+
+    def delay(self, slot: int, lived: float) -> float:
+        if lived >= self._stable_after:
+            self._last.pop(slot, None)
+            return QUICK_DELAY
+        previous = self._last.get(slot)
+        delay = self._first if previous is None else min(previous * 2, self._top)
+        self._last[slot] = delay
+        return delay
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words: ``killed by signal SIGKILL`` or ``exited with status 1``."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = str(number)
+        return f"killed by signal {name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 class WorkerLink:
@@ -76,3 +116,34 @@ class WorkerLink:
             return None
         finally:
             self._lock.release()
+
+
+@dataclass
+class SupervisorHooks:
+    """Optional callbacks in the parent, each quick (one that raises is logged and ignored)."""
+
+    before_fork: Callable[[int], None] | None = None  # slot
+    worker_started: Callable[[int, int], None] | None = None  # slot, pid
+    worker_exited: Callable[[int, int, int], None] | None = None  # slot, pid, wait status
+
+
+@dataclass
+class Worker:
+    """The parent's record of one worker process."""
+
+    slot: int
+    pid: int
+    channel: socket.socket  # the parent's end
+    started: float
+    up: bool = False
+    reloaded: bool = True
+
+
+@dataclass
+class ReloadState:
+    """A reload under way: checked in a thread, then confirmed by the workers."""
+
+    trigger: str
+    checked: bool = False  # set by the checking thread once ``summary`` is final
+    summary: str | None = None  # None: refused (or the check failed)
+    deadline: float = float("inf")  # for the workers' confirmations, once they are signalled
