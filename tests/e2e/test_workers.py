@@ -244,6 +244,47 @@ def test_chain_evidence_with_the_policy_request_in_the_parent(rig: Rig) -> None:
     assert rig.daemon.verdicts()[-1]["evidence"] == "chain"
 
 
+def _sockets_on_port(port: int) -> set[str]:
+    """The inodes of the IPv4 TCP sockets (listening or connected) with this local port."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] != "0":
+            found.add(fields[9])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets a process holds, from /proc/PID/fd."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                found.add(target[len("socket:[") : -1])
+    return found
+
+
+def test_workers_hold_none_of_the_policy_services_sockets(rig: Rig) -> None:
+    """The policy listener and Postfix's policy connections are the parent's alone: a worker
+    holding one would keep a connection the parent closes open for Postfix. A worker forked
+    while a policy connection is open (a restart) holds none either."""
+    assert rig.send("policy sockets 1"), rig.logs()  # Postfix keeps its policy connection
+    victim = rig.workers()[0]
+    serving = rig.daemon.log_text().count("): serving, rss=")
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while rig.daemon.log_text().count("): serving, rss=") == serving:  # the new worker is up
+        assert time.monotonic() < deadline, rig.logs()
+        time.sleep(0.05)
+    policy_port = int(rig.config["policy_service"]["socket"].split(":")[1].split("@")[0])
+    policy = _sockets_on_port(policy_port) & _socket_inodes(rig.daemon.pid)
+    assert len(policy) >= 2, policy  # the listener and at least one connection from Postfix
+    for pid in rig.workers():
+        assert not policy & _socket_inodes(pid), (pid, policy)
+    assert rig.send("policy sockets 2"), rig.logs()
+
+
 def test_sigterm_stops_every_worker_then_the_parent(rig: Rig) -> None:
     workers = rig.workers()
     start = len(rig.daemon.log_text())

@@ -20,7 +20,11 @@ reply is ``action=...`` and an empty line; one connection carries many requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import selectors
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -240,13 +244,52 @@ class PolicyServiceThread(ServiceThread):
 
     def __init__(self, service: PolicyService) -> None:
         self.service = service
+        self._listening: list[socket.socket] = []
         super().__init__(self._serve_policy, name="policy-service", log=log, join_timeout=5)
+
+    def release_in_child(self) -> None:
+        """In a forked worker: this thread's descriptors (the listening sockets, Postfix's
+        connections, the loop's epoll and wake-up sockets) are the parent's. Held open by a
+        worker, a connection the parent closes would never reach Postfix as closed. Each is
+        pointed at /dev/null rather than closed: the number stays taken, so a later close by the
+        worker's copy of its Python object cannot hit a descriptor the worker opened since."""
+        fds = _loop_descriptors(self._loop)
+        fds.update(sock.fileno() for sock in self._listening)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            for fd in sorted(fd for fd in fds if fd > 2 and fd != devnull):
+                with contextlib.suppress(OSError):
+                    os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
     async def _serve_policy(self, stop: asyncio.Event, ready: Callable[[], None]) -> None:
         server = await self.service.listen()
+        self._listening = list(server.sockets)
         ready()
         try:
             await stop.wait()
         finally:
             server.close()
             await self.service.close()
+
+
+def _loop_descriptors(loop: asyncio.AbstractEventLoop | None) -> set[int]:
+    """The descriptors a selector event loop holds: its epoll, what is registered with it, its
+    transports (connections) and its self-pipe. CPython's internals, read defensively."""
+    if loop is None:
+        return set()
+    fds: set[int] = set()
+    selector = getattr(loop, "_selector", None)
+    if isinstance(selector, selectors.BaseSelector):
+        with contextlib.suppress(RuntimeError, AttributeError):
+            fds.update(key.fd for key in selector.get_map().values())
+        fileno = getattr(selector, "fileno", None)
+        if callable(fileno):
+            fds.add(int(fileno()))
+    fds.update(int(fd) for fd in getattr(loop, "_transports", {}))
+    for name in ("_ssock", "_csock"):
+        sock = getattr(loop, name, None)
+        if isinstance(sock, socket.socket):
+            fds.add(sock.fileno())
+    return {fd for fd in fds if fd >= 0}

@@ -32,7 +32,7 @@ from mtls_milter.inbound.daemon_common import (
     warn_restart_only,
 )
 from mtls_milter.inbound.metrics_observer import SupervisorMetrics, start_for_supervisor
-from mtls_milter.inbound.policy_service import SessionTable
+from mtls_milter.inbound.policy_service import PolicyServiceThread, SessionTable
 from mtls_milter.inbound.shared_sessions import answer_lookup
 from mtls_milter.runtime import metrics
 from mtls_milter.runtime.prefork import Supervisor, SupervisorHooks
@@ -69,7 +69,7 @@ def serve(config_path: str | None, engine: Engine, hooks: SupervisorHooks | None
             answer=lambda request: answer_lookup(sessions, request),
             reload=parent.reload,
             on_ready=parent.on_ready,
-            close_in_child=observed.close_in_child if observed is not None else lambda: None,
+            close_in_child=lambda: _release_in_child(observed, policy),
             hooks=observed.hooks(hooks) if observed is not None else hooks,
         )
         status = supervisor.run()
@@ -81,6 +81,16 @@ def serve(config_path: str | None, engine: Engine, hooks: SupervisorHooks | None
         _close(listeners)
     log.info("stopped")
     return status
+
+
+def _release_in_child(
+    observed: SupervisorMetrics | None, policy: PolicyServiceThread | None
+) -> None:
+    """In a worker: let go of the parent's own sockets (metrics, the policy service's)."""
+    if observed is not None:
+        observed.close_in_child()
+    if policy is not None:
+        policy.release_in_child()
 
 
 def open_listeners(config: Config) -> list[socket.socket]:
