@@ -278,7 +278,9 @@ def test_workers_hold_none_of_the_policy_services_sockets(rig: Rig) -> None:
         assert time.monotonic() < deadline, rig.logs()
         time.sleep(0.05)
     policy_port = int(rig.config["policy_service"]["socket"].split(":")[1].split("@")[0])
-    policy = _sockets_on_port(policy_port) & _socket_inodes(rig.daemon.pid)
+    parent = rig.daemon.pid
+    assert parent is not None
+    policy = _sockets_on_port(policy_port) & _socket_inodes(parent)
     assert len(policy) >= 2, policy  # the listener and at least one connection from Postfix
     for pid in rig.workers():
         assert not policy & _socket_inodes(pid), (pid, policy)
