@@ -174,7 +174,10 @@ def test_a_killed_worker_is_restarted_and_mail_keeps_flowing(rig: Rig) -> None:
         log,
     ), rig.logs()
     (replacement,) = set(rig.workers()) - set(workers)
-    assert f"(pid {replacement}): serving, rss=" in log, rig.logs()
+    deadline = time.monotonic() + 10  # forked is not yet serving: its line may come later
+    while f"(pid {replacement}): serving, rss=" not in rig.daemon.log_text():
+        assert time.monotonic() < deadline, rig.logs()
+        time.sleep(0.05)
     after = [f"kill after {i}" for i in range(6)]  # over separate connections: both workers
     for subject in after:
         assert rig.send(subject), rig.logs()
