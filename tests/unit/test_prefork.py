@@ -289,9 +289,10 @@ def test_any_reply_decodes_to_facts_or_a_value_error(reply: bytes) -> None:
 
 SUPERVISOR = textwrap.dedent(
     """
-    import logging, os, resource, sys, time
+    import logging, os, resource, signal, sys, time
+    from mtls_milter.runtime import prefork
     from mtls_milter.runtime.prefork import Supervisor, SupervisorHooks
-    from mtls_milter.runtime.worker_link import UP
+    from mtls_milter.runtime.worker_link import RELOADED, UP
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
     mode = sys.argv[1]
 
@@ -300,7 +301,14 @@ SUPERVISOR = textwrap.dedent(
             return 3
         if mode == "exit-none":
             sys.exit()
+        hups = []
+        signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
         link.tell(UP)
+        if mode == "late-reload":  # confirms the first reload 1.5 s late, no later one
+            while not hups:
+                time.sleep(0.01)
+            time.sleep(1.5)
+            link.tell(RELOADED)
         if mode == "slow-reload" and slot == 0:  # lookups, one every 10 ms, for 2.5 s
             waits, lost = [], 0
             for _ in range(250):
@@ -324,6 +332,8 @@ SUPERVISOR = textwrap.dedent(
     def broken(*args):
         raise RuntimeError("hook")
 
+    if mode == "late-reload":
+        prefork.RELOAD_TIMEOUT = 1.0
     if mode == "high-fds":  # the workers' channels get descriptor numbers over 1023
         resource.setrlimit(resource.RLIMIT_NOFILE, (2048, 2048))
         spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
@@ -412,6 +422,24 @@ def test_lookups_are_answered_while_a_reload_is_checked(
     _stop(supervisor)
     lost, slowest = re.findall(r"lost=(\d+) slowest=([0-9.]+)", line)[0]
     assert lost == "0" and float(slowest) < 0.2, line
+
+
+@pytest.mark.parametrize("supervisor", ["late-reload"], indirect=True)
+def test_a_late_confirmation_does_not_count_for_the_next_reload(
+    supervisor: subprocess.Popen[str],
+) -> None:
+    """The workers confirm the first reload after its 1 s timeout and never the second: the
+    second reload's line says so instead of taking the late confirmations for its own."""
+    assert supervisor.stdout is not None
+    pids = supervisor.stdout.readline().split()[1:]
+    supervisor.send_signal(signal.SIGHUP)
+    first = supervisor.stdout.readline()
+    assert "reloaded: ok" in first and "no confirmation from pid" in first, first
+    supervisor.send_signal(signal.SIGHUP)  # before the late confirmations of the first come
+    second = supervisor.stdout.readline()
+    _stop(supervisor)
+    late = re.findall(r"reloaded: ok .*\(no confirmation from pid ([0-9,]+)\)", second)
+    assert late and sorted(late[0].split(",")) == sorted(pids), second
 
 
 @pytest.mark.parametrize("supervisor", ["bad-reload"], indirect=True)

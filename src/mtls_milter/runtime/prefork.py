@@ -42,8 +42,7 @@ from mtls_milter.runtime.worker_link import (
     Worker,
     WorkerLink,
     describe_status,
-    mib,
-    rss_bytes,
+    memory_text,
 )
 
 __all__ = ["RestartBackoff", "Supervisor", "SupervisorHooks", "describe_status"]
@@ -140,7 +139,7 @@ class Supervisor:
         self._advance_reload()
         if self._report_wanted:
             self._report_wanted = False
-            log.info("workers: %s", self._memory_text())
+            log.info("workers: %s", memory_text(self.workers.values()))
         if not self._ready_sent and self._all_up():
             self._ready_sent = True
             notify("READY=1")
@@ -161,12 +160,6 @@ class Supervisor:
 
     def _all_up(self) -> bool:
         return len(self.workers) == self.count and all(w.up for w in self.workers.values())
-
-    def _memory_text(self) -> str:
-        return " ".join(
-            f"{w.slot}:pid={w.pid}:rss={mib(rss_bytes(w.pid))}"
-            for w in sorted(self.workers.values(), key=lambda w: w.slot)
-        )
 
     # -- channels ------------------------------------------------------------------------------
 
@@ -191,7 +184,10 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(worker.pid, signal.SIGHUP)
             elif kind == RELOADED:
-                worker.reloaded = True
+                if worker.late:  # the confirmation of a reload that timed out: not this one's
+                    worker.late -= 1
+                else:
+                    worker.reloaded = True
 
     def _answer(self, worker: Worker, payload: bytes) -> None:
         ident, request = payload[: ID.size], payload[ID.size :]
@@ -330,7 +326,8 @@ class Supervisor:
         self._reload = None
         notify("READY=1")
         late = f" (no confirmation from pid {','.join(map(str, waiting))})" if waiting else ""
-        log.info("reloaded: %s workers=%s%s", reload.summary, self._memory_text(), late)
+        memory = memory_text(self.workers.values())
+        log.info("reloaded: %s workers=%s%s", reload.summary, memory, late)
 
     def _begin_reload(self, trigger: str) -> None:
         """Check the configuration in a thread: the loop keeps answering the workers' lookups
@@ -353,6 +350,7 @@ class Supervisor:
 
     def _signal_reload(self, reload: ReloadState) -> None:
         for worker in self.workers.values():
+            worker.late += not worker.reloaded  # a confirmation still due from the last reload
             worker.reloaded = False
             if worker.up:  # one still starting is signalled when it is up
                 with contextlib.suppress(ProcessLookupError):

@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 MAX_MESSAGE = 65536
@@ -137,6 +137,7 @@ class Worker:
     started: float
     up: bool = False
     reloaded: bool = True
+    late: int = 0  # confirmations still due from reloads that timed out, not to be counted
 
 
 @dataclass
@@ -147,3 +148,11 @@ class ReloadState:
     checked: bool = False  # set by the checking thread once ``summary`` is final
     summary: str | None = None  # None: refused (or the check failed)
     deadline: float = float("inf")  # for the workers' confirmations, once they are signalled
+
+
+def memory_text(workers: Iterable[Worker]) -> str:
+    """Each worker's slot, pid and resident memory: ``0:pid=4711:rss=35.7MiB 1:pid=…``."""
+    return " ".join(
+        f"{w.slot}:pid={w.pid}:rss={mib(rss_bytes(w.pid))}"
+        for w in sorted(workers, key=lambda w: w.slot)
+    )
