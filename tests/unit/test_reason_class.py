@@ -30,6 +30,11 @@ CASES = [
     (E, "Client MX unusable: more than 10 hosts", "dns"),
     (T, "internal error: ZeroDivisionError", "internal"),
     (T, "internal error", "internal"),
+    (
+        T,
+        "policy table unavailable: the MTA's certificate fingerprint could not be looked up",
+        "internal",
+    ),
     (F, "a.test publishes a null Client MX: no host may send", "null_cmx"),
     (F, "no TLS", "no_tls"),
     (F, "chain invalid: certificate has expired", "chain_invalid"),

@@ -45,6 +45,8 @@ _FAIL_PREFIXES = (
     ("the MTA-verified certificate has no usable CN", "name_mismatch"),
 )
 _NO_DOMAIN_PREFIXES = ("MAIL FROM has no domain", "MAIL FROM domain ", "null sender")
+# The pre-forked workers' policy table (inbound/shared_sessions.py) not answering is ours too.
+_INTERNAL_PREFIXES = ("internal error", "policy table unavailable")
 _DNS_PREFIXES = ("Client MX lookup ", "MX lookup failed:", "Client MX unusable:")
 
 
@@ -53,7 +55,7 @@ def reason_class(result: Result | str, reason: str) -> str:
     value = result.value if isinstance(result, Result) else result
     if value == "pass":
         return OK
-    if reason.startswith("internal error") and value == "temperror":
+    if reason.startswith(_INTERNAL_PREFIXES) and value == "temperror":
         return "internal"
     if value in ("temperror", "permerror"):
         return "dns" if reason.startswith(_DNS_PREFIXES) else "none_other"

@@ -289,7 +289,9 @@ class MilterSession:
         held = prefetch.result()
         if not reusable_answer(held):
             return verdict_for(tx, self._sessions, self._fetcher)
-        session = tls_session(tx, self._sessions)
+        # Kept, so the evaluation judges the very TLS facts the key names (a fingerprint could
+        # otherwise arrive from Postfix between the two look-ups).
+        session = tx.session = tls_session(tx, self._sessions)
         chain_possible = self._fetcher is not None and config.chain_fetch.enabled
         if tx.policy_unavailable:  # the key lacks what the policy table would have said
             return verdict_for(tx, self._sessions, self._fetcher)
