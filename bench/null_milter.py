@@ -20,15 +20,15 @@ mtls-milter does on a unix socket (pymilter's ``@Milter.noreply``).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import socket
 import sys
 from types import FrameType
 from typing import Any
 
 import Milter
 import milter
+
+from mtls_milter.inbound.daemon import set_nodelay_on_listeners  # the same as ours
 
 CONTINUE: int = Milter.CONTINUE
 ACCEPT: int = Milter.ACCEPT
@@ -78,25 +78,6 @@ class NoReplyNullMilter(NullMilter):
     @Milter.noreply  # type: ignore[untyped-decorator]
     def header(self, name: str, value: str) -> int:
         return CONTINUE
-
-
-def set_nodelay_on_listeners() -> int:
-    """Set TCP_NODELAY on every listening TCP socket of this process; return how many."""
-    count = 0
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            probe = socket.socket(fileno=os.dup(int(entry)))
-        except OSError:
-            continue
-        with probe:
-            try:
-                listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            except OSError:
-                continue
-            if listening and probe.family in (socket.AF_INET, socket.AF_INET6):
-                probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                count += 1
-    return count
 
 
 def _register() -> None:

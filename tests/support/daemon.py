@@ -34,12 +34,12 @@ _RELOADED = "reloaded: "
 _REFUSED = "reload refused"
 
 
-# Runs the daemon with serve._set_nodelay_on_listeners replaced by a no-op (libmilter's stock
+# Runs the daemon with serve.set_nodelay_on_listeners replaced by a no-op (libmilter's stock
 # TCP behaviour: Nagle on), to measure what TCP_NODELAY buys (docs/performance.md).
 _NO_NODELAY = (
     "import sys\n"
     "from mtls_milter.cli import main as cli\nfrom mtls_milter.inbound import daemon as serve\n"
-    "serve._set_nodelay_on_listeners = lambda: None\n"
+    "serve.set_nodelay_on_listeners = lambda: 0\n"
     "sys.exit(cli.main(sys.argv[1:]))\n"
 )
 

@@ -177,7 +177,7 @@ class Daemon:
         if spec.startswith(("unix:", "local:")):
             os.chmod(spec.split(":", 1)[1], int(config.milter.socket_mode, 8))
         else:
-            _set_nodelay_on_listeners()
+            set_nodelay_on_listeners()
         drop_privileges(config, spec)
 
     def _serve(self) -> None:
@@ -372,12 +372,14 @@ def _register_callbacks(config: Config) -> None:
     )
 
 
-def _set_nodelay_on_listeners() -> None:
-    """Set TCP_NODELAY on libmilter's listening TCP socket; accepted sockets inherit it.
+def set_nodelay_on_listeners() -> int:
+    """Set TCP_NODELAY on libmilter's listening TCP socket (every listening TCP socket of this
+    process); accepted sockets inherit it. Returns how many it set.
 
     libmilter writes a reply as several small packets and never sets TCP_NODELAY, so over TCP
     each message can stall ~40 ms on Nagle + delayed ACK (docs/performance.md).
     """
+    count = 0
     for entry in os.listdir("/proc/self/fd"):
         try:
             probe = socket.socket(fileno=os.dup(int(entry)))
@@ -390,3 +392,5 @@ def _set_nodelay_on_listeners() -> None:
                 continue
             if listening and probe.family in (socket.AF_INET, socket.AF_INET6):
                 probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                count += 1
+    return count
