@@ -25,6 +25,7 @@ import signal
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 from mtls_milter.acme.keyauth import is_token
@@ -56,16 +57,6 @@ MAX_CONNECTIONS = 256
 MAX_PER_PEER = 32  # a CA validates from a handful of addresses, one request each
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 SERVER = "mtls-milter-acme-responder"
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
 
 
 def lookup_token(directory: Path, token: str) -> tuple[bytes | None, str]:
@@ -261,7 +252,7 @@ class Responder:
     ) -> None:
         kind = "application/octet-stream" if status == 200 else "text/plain; charset=us-ascii"
         head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
             f"Server: {SERVER}\r\n"
             f"Content-Type: {kind}\r\n"
             f"Content-Length: {len(body)}\r\n"

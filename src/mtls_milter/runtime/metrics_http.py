@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
+from http import HTTPStatus
 
 from mtls_milter.endpoints import parse_host_port, parse_socket_spec
 from mtls_milter.runtime.service_thread import ServiceThread
@@ -29,17 +30,6 @@ MAX_PER_PEER = 16
 
 Health = Callable[[], tuple[bool, str]]  # (healthy, reason when not)
 Render = Callable[[], tuple[bytes, str]]  # (body, content type)
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 
 
 class MetricsHttp(StreamService):
@@ -123,7 +113,7 @@ async def _reply(
     if content_type == "text/plain":
         content_type = "text/plain; charset=us-ascii"
     head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
     )
     writer.write(head.encode("ascii") + (data if send_body else b""))
