@@ -17,11 +17,11 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pytest
 
+from support.lifecycle import Running
 from support.ports import free_port, wait_for_port
 
 PROMETHEUS_ROOT = Path(os.environ.get("MTLS_PROMETHEUS_ROOT", "/opt/mtls-test/prometheus"))
@@ -48,7 +48,7 @@ def require(name: str = "prometheus") -> Path:
     pytest.skip(reason)
 
 
-class PrometheusServer:
+class PrometheusServer(Running):
     """``prometheus`` scraping ``targets`` (HOST:PORT) every second; a context manager."""
 
     def __init__(self, workdir: Path, targets: list[str], *, job: str = "mtls-milter") -> None:
@@ -61,7 +61,8 @@ class PrometheusServer:
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "prometheus.log"
 
-    def __enter__(self) -> Self:
+    def start(self) -> PrometheusServer:
+        """Write the scrape config, start Prometheus and wait until it is ready."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
         targets = ", ".join(json.dumps(t) for t in self._targets)
@@ -87,16 +88,11 @@ class PrometheusServer:
             wait_for_port(self.port, timeout=30)
             self._wait_ready()
         except Exception:
-            self.__exit__(None, None, None)
+            self.stop()
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
